@@ -1,0 +1,1 @@
+"""EpiSeg desktop application (PySide6). Holds no science: it calls ``core``."""

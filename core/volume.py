@@ -1,0 +1,86 @@
+"""A volume: a ZYX array, its voxel size (z, y, x) in micrometres and a name.
+
+Reading and writing by file format lives in :mod:`core.io`; this module holds
+the data model and the checks every reader and writer shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+
+from core.errors import VolumeDataError
+
+VoxelSize = Tuple[float, float, float]
+
+
+@dataclass
+class Volume:
+    """A 3D image or label stack.
+
+    data: array with axes (Z, Y, X).
+    voxel_size: (z, y, x) in micrometres, or None when the file did not record it.
+    name: a short name, usually the file stem ("gland01").
+    source: where it came from ("path/file.mat:I"), for messages and metadata.
+    """
+
+    data: np.ndarray
+    voxel_size: Optional[VoxelSize] = None
+    name: str = "volume"
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    def voxel_size_or(self, default: VoxelSize = (1.0, 1.0, 1.0)) -> VoxelSize:
+        """The recorded voxel size, or ``default`` when none was recorded."""
+        return self.voxel_size if self.voxel_size is not None else default
+
+
+def label_dtype(max_id: int) -> np.dtype:
+    """Smallest unsigned integer dtype that holds ``max_id``."""
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_id <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise VolumeDataError(f"Label id {max_id} is too large for any unsigned integer type.")
+
+
+def as_labels(data: np.ndarray, where: str = "labels") -> np.ndarray:
+    """Return ``data`` as a label stack in the smallest unsigned dtype.
+
+    Labels must be non-negative whole numbers (float files from MATLAB are
+    accepted when every value is integral). ``where`` names the file in errors.
+    """
+    arr = np.asarray(data)
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise VolumeDataError(
+                f"{where}: labels contain NaN or infinity. Labels must be whole numbers "
+                "(0 = background, 1..n = cells); fix or re-export the label file."
+            )
+        if not np.all(arr == np.round(arr)):
+            raise VolumeDataError(
+                f"{where}: labels contain fractional values, so this looks like an image, "
+                "not a label stack. Pass the label file (0 = background, 1..n = cells)."
+            )
+    elif arr.dtype.kind not in "iu":
+        raise VolumeDataError(
+            f"{where}: dtype {arr.dtype} cannot hold labels; expected integers."
+        )
+    lo = arr.min()
+    if lo < 0:
+        raise VolumeDataError(
+            f"{where}: labels contain negative values (minimum {lo}). Labels must be "
+            "0 for background and positive ids for cells."
+        )
+    hi = int(arr.max())
+    target = label_dtype(hi)
+    if arr.dtype == target:
+        return arr
+    return arr.astype(target)
