@@ -1,0 +1,275 @@
+"""Probabilities -> cells: a seeded watershed that makes touching cells touch again.
+
+The network predicts, per voxel (ZYX), the probability of being *inside a
+cell* (the thesis' cells-with-gaps target: cells shrunk away from each other
+by a thin gap) and/or of being on a *cell boundary* (PlantSeg's target).
+Cells are recovered in three steps:
+
+1. **Seeds**: connected components of the confident cell interiors
+   (``cell_prob > seed_threshold``, or ``boundary_prob < seed_threshold`` for
+   boundary-only models), optionally eroded to break thin bridges, with tiny
+   seeds dropped. The gaps of the target keep neighbouring seeds apart.
+2. **Tissue mask**: the cell voxels closed with a small ball so the thin gaps
+   between cells belong to the tissue again, while the lumen and the outside
+   stay background (0).
+3. **Watershed** of the boundary probability (or ``1 - cell_prob``) from the
+   seeds inside the mask, run slab by slab along Z with a halo. Seeds carry
+   global ids, so slabs stitch without seams and memory stays bounded by the
+   slab, not the stack.
+
+Cells smaller than ``min_cell_size_um3`` are dissolved into their neighbours
+and ids are made consecutive: background 0, cells 1..n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import relabel_sequential, watershed
+
+from core.errors import ConfigError, VolumeDataError
+from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
+from core.volume import label_dtype
+
+
+@dataclass
+class SegmentParams:
+    """Parameters of :func:`cells_from_probabilities` (voxel sizes in micrometres).
+
+    cell_threshold: cell probability above which a voxel is tissue (mask).
+    seed_threshold: cell probability above which a voxel can seed a cell
+        (for boundary-only models: boundary probability *below* which).
+    seed_erosion_um: erode seeds by this radius first to cut thin bridges (0: off).
+    gap_closing_vox: radius in voxels of the closing that puts the gaps between
+        cells back into the tissue mask (the gap target is drawn in voxels, so
+        this is in voxels too; 2 fills the 2-voxel gaps of mode='outer').
+    min_seed_size_um3: seeds smaller than this are ignored (noise).
+    min_cell_size_um3: final cells smaller than this are given to their neighbours.
+    slab_z: number of Z slices processed at once by the watershed.
+    """
+
+    cell_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    seed_erosion_um: float = 0.0
+    gap_closing_vox: int = 2
+    min_seed_size_um3: float = 5.0
+    min_cell_size_um3: float = 20.0
+    slab_z: int = 64
+
+    def validate(self) -> None:
+        for key in ("cell_threshold", "seed_threshold"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(
+                    f"segment.{key} = {value}: must be a probability strictly between 0 and 1."
+                )
+        for key in ("seed_erosion_um", "gap_closing_vox", "min_seed_size_um3", "min_cell_size_um3"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"segment.{key} = {getattr(self, key)}: must be >= 0.")
+        if self.slab_z < 1:
+            raise ConfigError(f"segment.slab_z = {self.slab_z}: must be >= 1.")
+
+
+def ball_um(radius_um: float, voxel_size: Sequence[float]) -> Optional[np.ndarray]:
+    """Ellipsoidal structuring element of ``radius_um`` for a (z, y, x) voxel size.
+
+    Returns None when the radius is below half a voxel on every axis.
+    """
+    radii = [int(np.floor(radius_um / float(v) + 1e-6)) for v in voxel_size]
+    if max(radii) == 0:
+        return None
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
+    dist = sum((g / max(r, 1e-9)) ** 2 if r > 0 else (g * 0.0) for g, r in zip(grids, radii))
+    return np.asarray(dist <= 1.0)
+
+
+class _Prob:
+    """A probability map kept in its stored dtype (uint8 0..255 or float in [0, 1]).
+
+    Whole-stack copies are avoided: thresholds are compared in the stored scale
+    and float32 is made only slab by slab.
+    """
+
+    def __init__(self, array, name: str):
+        self.a = np.asarray(array)
+        if self.a.ndim != 3:
+            raise VolumeDataError(f"{name} must be a 3D (Z, Y, X) array, got shape {self.a.shape}.")
+        self.scale = 255.0 if self.a.dtype == np.uint8 else 1.0
+
+    def above(self, threshold: float) -> np.ndarray:
+        return self.a > threshold * self.scale
+
+    def below(self, threshold: float) -> np.ndarray:
+        return self.a < threshold * self.scale
+
+    def f32(self, index=Ellipsis) -> np.ndarray:
+        return self.a[index].astype(np.float32) / np.float32(self.scale)
+
+
+def close_gaps(mask: np.ndarray, radius_vox: int) -> np.ndarray:
+    """Fill the thin gaps between cells in a boolean ZYX tissue mask.
+
+    A voxel is filled when, along one of the 13 lattice directions, mask voxels
+    lie on both sides of it within ``radius_vox`` voxels (a union of 1D
+    closings). Unlike a closing with a ball this also fills the mouths of
+    gaps where they open onto the lumen or the outside, while the background
+    next to the tissue, which has tissue on one side only, stays background.
+    The stack border continues the mask (edge padding).
+    """
+    if radius_vox <= 0:
+        return mask
+    r = int(radius_vox)
+    padded = np.pad(mask, r, mode="edge")
+    inner = (slice(r, -r),) * 3
+    out = mask.copy()
+    for direction in _LATTICE_DIRECTIONS:
+        line = np.zeros((2 * r + 1,) * 3, dtype=bool)
+        for t in range(-r, r + 1):
+            line[tuple(r + t * d for d in direction)] = True
+        closed = ndi.binary_erosion(ndi.binary_dilation(padded, structure=line),
+                                    structure=line, border_value=1)
+        out |= closed[inner]
+    return out
+
+
+#: One direction of each of the 13 lines through a voxel of a 3D lattice.
+_LATTICE_DIRECTIONS = [
+    d for d in np.ndindex(3, 3, 3)
+    if (np.array(d) - 1).any() and tuple(np.array(d) - 1) > tuple(1 - np.array(d))
+]
+_LATTICE_DIRECTIONS = [tuple(int(v) - 1 for v in d) for d in _LATTICE_DIRECTIONS]
+
+
+def find_seeds(
+    interior: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    erosion_um: float = 0.0,
+    min_size_um3: float = 0.0,
+) -> Tuple[np.ndarray, int]:
+    """Label connected components of a boolean ZYX ``interior`` mask as seeds.
+
+    Returns (seeds int32 array with ids 1..n, n). Components smaller than
+    ``min_size_um3`` are dropped.
+    """
+    mask = interior
+    footprint = ball_um(erosion_um, voxel_size)
+    if footprint is not None:
+        mask = ndi.binary_erosion(mask, structure=footprint)
+    seeds, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n and min_size_um3 > 0:
+        voxel_um3 = float(np.prod(voxel_size))
+        sizes = np.bincount(seeds.ravel(), minlength=n + 1)
+        small = sizes * voxel_um3 < min_size_um3
+        small[0] = False
+        if small.any():
+            seeds[small[seeds]] = 0
+            seeds, _, _ = relabel_sequential(seeds)
+            n = int(seeds.max())
+    return seeds.astype(np.int32, copy=False), int(n)
+
+
+def cells_from_probabilities(
+    cell_prob: Optional[np.ndarray] = None,
+    boundary_prob: Optional[np.ndarray] = None,
+    *,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    params: Optional[SegmentParams] = None,
+    progress: ProgressFn = None,
+    cancel: CancelFlag = None,
+) -> np.ndarray:
+    """Turn probability maps (ZYX, values in [0, 1] or uint8 0..255) into cells.
+
+    Parameters
+    ----------
+    cell_prob : probability of "inside a cell" (cells-with-gaps target), or None.
+    boundary_prob : probability of "on a cell boundary", or None.
+    voxel_size : (z, y, x) in micrometres, used for every size and radius.
+    params : :class:`SegmentParams`; defaults when None.
+
+    Returns
+    -------
+    labels : ZYX array in the smallest unsigned dtype; 0 background, cells 1..n.
+    """
+    params = params or SegmentParams()
+    params.validate()
+    if cell_prob is None and boundary_prob is None:
+        raise VolumeDataError("cells_from_probabilities needs cell_prob, boundary_prob or both.")
+    cp = _Prob(cell_prob, "cell_prob") if cell_prob is not None else None
+    bp = _Prob(boundary_prob, "boundary_prob") if boundary_prob is not None else None
+    if cp is not None and bp is not None and cp.a.shape != bp.a.shape:
+        raise VolumeDataError(
+            f"cell_prob {cp.a.shape} and boundary_prob {bp.a.shape} must have the same shape."
+        )
+    shape = (cp if cp is not None else bp).a.shape
+    rep = ProgressReporter(progress, "cells", total=1 + int(np.ceil(shape[0] / params.slab_z)))
+
+    # 1. tissue mask and seeds
+    if cp is not None:
+        tissue = cp.above(params.cell_threshold)
+        interior = cp.above(params.seed_threshold)
+        if bp is not None:
+            interior &= bp.below(0.5)
+        tissue = close_gaps(tissue, params.gap_closing_vox)
+    else:
+        tissue = None
+        interior = bp.below(params.seed_threshold)
+    seeds, n_seeds = find_seeds(
+        interior,
+        voxel_size=voxel_size,
+        erosion_um=params.seed_erosion_um,
+        min_size_um3=params.min_seed_size_um3,
+    )
+    del interior
+    rep.update(1, message=f"{n_seeds} seeds")
+    check_cancelled(cancel, "Cell segmentation")
+
+    # 2. watershed slab by slab; seeds have global ids so slabs agree at their borders
+    labels = np.zeros(shape, dtype=np.int32)
+    halo = 4
+    for i, z0 in enumerate(range(0, shape[0], params.slab_z), start=2):
+        z1 = min(shape[0], z0 + params.slab_z)
+        a, b = max(0, z0 - halo), min(shape[0], z1 + halo)
+        elevation = _elevation(cp, bp, np.s_[a:b])
+        mask = tissue[a:b] if tissue is not None else None
+        part = watershed(elevation, markers=seeds[a:b], mask=mask)
+        labels[z0:z1] = part[z0 - a: z0 - a + (z1 - z0)]
+        rep.update(i, message="")
+        check_cancelled(cancel, "Cell segmentation")
+    del seeds, tissue
+
+    # 3. dissolve tiny cells into their neighbours, then ids 1..n
+    labels = _dissolve_small_cells(labels, voxel_size, params.min_cell_size_um3, bp, cp)
+    labels, _, _ = relabel_sequential(labels)
+    return labels.astype(label_dtype(int(labels.max()) if labels.size else 0), copy=False)
+
+
+def _elevation(cp: Optional[_Prob], bp: Optional[_Prob], index) -> np.ndarray:
+    """Watershed relief: boundary probability, else 1 - cell probability (float32)."""
+    if bp is not None:
+        return bp.f32(index)
+    return 1.0 - cp.f32(index)
+
+
+def _dissolve_small_cells(labels, voxel_size, min_size_um3, bp, cp) -> np.ndarray:
+    """Give cells below ``min_size_um3`` to their neighbours by a second watershed."""
+    if min_size_um3 <= 0 or labels.max() == 0:
+        return labels
+    sizes = np.bincount(labels.ravel())
+    small = sizes * float(np.prod(voxel_size)) < min_size_um3
+    small[0] = False
+    if not small.any():
+        return labels
+    region = small[labels]
+    keep = labels.copy()
+    keep[region] = 0
+    # only the bounding box of the small cells needs flooding
+    zz, yy, xx = (np.flatnonzero(region.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1)))
+    box = tuple(slice(max(0, c[0] - 2), c[-1] + 3) for c in (zz, yy, xx))
+    elevation = _elevation(cp, bp, box)
+    mask = (labels[box] > 0)
+    keep[box] = watershed(elevation, markers=keep[box], mask=mask)
+    return keep

@@ -1,0 +1,127 @@
+"""Probabilities -> cells: touching cells come back as separate, touching cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.segmentation import find_boundaries
+
+from core.errors import ConfigError, VolumeDataError
+from core.segment import SegmentParams, ball_um, cells_from_probabilities
+
+
+def voronoi_tissue(shape=(20, 64, 64), n=8, seed=0):
+    """Touching Voronoi cells filling a slab, background 0 above and below."""
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform([2, 0, 0], [shape[0] - 2, shape[1], shape[2]], size=(n, 3))
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    d = ((grid[..., None, :] - pts) ** 2).sum(-1)
+    labels = d.argmin(-1).astype(np.int32) + 1
+    labels[:2] = 0
+    labels[-2:] = 0
+    return labels
+
+
+def probabilities_from(labels):
+    """What a perfect cells-with-gaps / boundary network would output (smoothed)."""
+    boundary = find_boundaries(labels, connectivity=3, mode="outer")
+    cells = ((labels > 0) & ~boundary).astype(np.float32)
+    between = find_boundaries(labels, mode="inner") & (labels > 0)
+    return (ndi.gaussian_filter(cells, 0.7), ndi.gaussian_filter(between.astype(np.float32), 0.7))
+
+
+def n_cells(labels):
+    return len(np.unique(labels[labels > 0]))
+
+
+def best_iou(gt, pred):
+    ious = []
+    for i in np.unique(gt[gt > 0]):
+        m = gt == i
+        ids, counts = np.unique(pred[m], return_counts=True)
+        j = ids[np.argmax(counts)]
+        if j == 0:
+            ious.append(0.0)
+            continue
+        inter = counts.max()
+        ious.append(inter / np.count_nonzero(m | (pred == j)))
+    return np.array(ious)
+
+
+@pytest.mark.parametrize("use", ["cells", "both"])
+def test_touching_cells_are_recovered_without_gaps(use):
+    gt = voronoi_tissue()
+    cp, bp = probabilities_from(gt)
+    pred = cells_from_probabilities(cp, bp if use == "both" else None,
+                                    voxel_size=(1, 1, 1),
+                                    params=SegmentParams(min_cell_size_um3=10))
+    assert n_cells(pred) == n_cells(gt)
+    assert best_iou(gt, pred).min() > 0.85
+    # touching again: inside the tissue no background voxel remains between cells
+    assert np.count_nonzero((pred == 0) & (gt > 0)) < 0.02 * np.count_nonzero(gt)
+    # background stays background
+    assert np.count_nonzero(pred[gt == 0]) < 0.02 * np.count_nonzero(gt == 0) + 1
+
+
+def test_output_ids_are_consecutive_and_small_dtype():
+    gt = voronoi_tissue()
+    cp, _ = probabilities_from(gt)
+    pred = cells_from_probabilities(cp, voxel_size=(1, 1, 1),
+                                    params=SegmentParams())
+    ids = np.unique(pred)
+    assert ids[0] == 0
+    assert np.array_equal(ids[1:], np.arange(1, len(ids)))
+    assert pred.dtype == np.uint8
+
+
+def test_slabs_give_the_same_cells_as_one_block():
+    gt = voronoi_tissue()
+    cp, bp = probabilities_from(gt)
+    whole = cells_from_probabilities(cp, bp, params=SegmentParams(slab_z=100))
+    slabs = cells_from_probabilities(cp, bp, params=SegmentParams(slab_z=3))
+    assert (whole == slabs).mean() > 0.999
+
+
+def test_uint8_probabilities_equal_float_probabilities():
+    gt = voronoi_tissue()
+    cp, bp = probabilities_from(gt)
+    a = cells_from_probabilities(cp, bp)
+    b = cells_from_probabilities(np.round(cp * 255).astype(np.uint8),
+                                 np.round(bp * 255).astype(np.uint8))
+    assert n_cells(a) == n_cells(b)
+    assert (a == b).mean() > 0.995
+
+
+def test_tiny_cells_are_given_to_neighbours():
+    gt = voronoi_tissue()
+    cp, bp = probabilities_from(gt)
+    plain = cells_from_probabilities(cp, bp, params=SegmentParams(min_cell_size_um3=0))
+    sizes = np.sort(np.bincount(plain.ravel())[1:])
+    limit = float(sizes[1]) + 0.5  # the two smallest cells are "too small"
+    big = cells_from_probabilities(cp, bp, params=SegmentParams(min_cell_size_um3=limit))
+    assert n_cells(big) == n_cells(plain) - 2
+    # their voxels went to the neighbours, not to the background
+    assert np.count_nonzero(big) > 0.97 * np.count_nonzero(gt)
+
+
+def test_boundary_only_model_labels_regions_between_boundaries():
+    gt = voronoi_tissue()
+    _, bp = probabilities_from(gt)
+    pred = cells_from_probabilities(boundary_prob=bp, params=SegmentParams(seed_threshold=0.3))
+    assert n_cells(pred) >= n_cells(gt)
+
+
+def test_anisotropic_ball_has_fewer_slices_in_z():
+    fp = ball_um(1.0, (1.0, 0.25, 0.25))
+    assert fp.shape == (3, 9, 9)
+    assert ball_um(0.1, (1.0, 1.0, 1.0)) is None
+
+
+def test_bad_parameters_and_inputs_are_named():
+    with pytest.raises(ConfigError, match="cell_threshold"):
+        cells_from_probabilities(np.zeros((4, 4, 4)), params=SegmentParams(cell_threshold=1.5))
+    with pytest.raises(VolumeDataError, match="3D"):
+        cells_from_probabilities(np.zeros((4, 4)))
+    with pytest.raises(VolumeDataError, match="needs"):
+        cells_from_probabilities()
