@@ -58,7 +58,8 @@ def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     blocks = readme.split("```")
-    commands = [line.strip() for line in blocks[1].splitlines() if line.strip()
+    lines = blocks[1].splitlines()[1:]  # the first line is the language tag
+    commands = [line.strip() for line in lines if line.strip()
                 and not line.strip().startswith("#")]
     assert len(commands) >= 2, "README must open with the demo and the test command"
     assert commands[1] in ci
