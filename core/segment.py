@@ -42,6 +42,8 @@ class SegmentParams:
     cell_threshold: cell probability above which a voxel is tissue (mask).
     seed_threshold: cell probability above which a voxel can seed a cell
         (for boundary-only models: boundary probability *below* which).
+    seed_max_boundary: with a boundary channel, seeds also need a boundary
+        probability below this.
     seed_erosion_um: erode seeds by this radius first to cut thin bridges (0: off).
     gap_closing_vox: radius in voxels of the closing that puts the gaps between
         cells back into the tissue mask (the gap target is drawn in voxels, so
@@ -52,15 +54,16 @@ class SegmentParams:
     """
 
     cell_threshold: float = 0.5
-    seed_threshold: float = 0.5
-    seed_erosion_um: float = 0.0
+    seed_threshold: float = 0.7
+    seed_max_boundary: float = 0.3
+    seed_erosion_um: float = 0.6
     gap_closing_vox: int = 2
     min_seed_size_um3: float = 5.0
     min_cell_size_um3: float = 20.0
     slab_z: int = 64
 
     def validate(self) -> None:
-        for key in ("cell_threshold", "seed_threshold"):
+        for key in ("cell_threshold", "seed_threshold", "seed_max_boundary"):
             value = getattr(self, key)
             if not 0.0 < value < 1.0:
                 raise ConfigError(
@@ -212,7 +215,7 @@ def cells_from_probabilities(
         tissue = cp.above(params.cell_threshold)
         interior = cp.above(params.seed_threshold)
         if bp is not None:
-            interior &= bp.below(0.5)
+            interior &= bp.below(params.seed_max_boundary)
         tissue = close_gaps(tissue, params.gap_closing_vox)
     else:
         tissue = None
