@@ -23,6 +23,9 @@ COMMAND_MODULES = [
     "core.cli.cmd_synth",
     "core.cli.cmd_preprocess",
     "core.cli.cmd_evaluate",
+    "core.cli.cmd_train",
+    "core.cli.cmd_predict",
+    "core.cli.cmd_demo",
 ]
 
 

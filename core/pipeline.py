@@ -1,0 +1,281 @@
+"""From a stack on disk to its cells on disk, with a trained model.
+
+One function per step, all over ZYX arrays with voxel sizes in micrometres:
+
+    read -> normalise (as the model was trained) -> resample to the model's
+    voxel size -> sliding-window probabilities -> resample back -> cells
+    (seeded watershed) -> write ``STEM_cells.<fmt>`` (+ probabilities)
+
+Memory is bounded by the stack's own arrays in their smallest dtypes: the
+normalised image is never materialised (tiles are normalised as they are
+read), probabilities are kept as uint8, and large probability maps go to a
+temporary memory-mapped file next to the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+
+from core.errors import ConfigError, VolumeDataError
+from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
+from core.segment import SegmentParams, cells_from_probabilities
+from core.volume import Volume
+
+#: Output formats and their file extensions.
+FORMATS = {"tif": ".tif", "mat": ".mat", "h5": ".h5"}
+#: Probability maps above this many bytes go to a memory-mapped temporary file.
+MEMMAP_ABOVE_BYTES = 512 * 1024 ** 2
+
+
+@dataclass
+class PredictConfig:
+    """Settings of ``episeg predict`` (YAML section ``predict``)."""
+
+    format: Literal["tif", "mat", "h5"] = field(default="tif", metadata={
+        "help": "File format of the label stacks: tif (Fiji), mat (MATLAB), h5 (HDF5)."})
+    save_probabilities: bool = field(default=False, metadata={
+        "help": "Also write the network's probability maps (0..255 = 0..1)."})
+    tta: bool = field(default=False, metadata={
+        "help": "Test-time augmentation: average predictions over flips (slower, smoother)."})
+    tile_shape: Optional[Tuple[int, int, int]] = field(default=None, metadata={
+        "gt": 0, "help": "Tile size (z, y, x) in voxels; empty = chosen from memory."})
+    overlap: float = field(default=0.25, metadata={
+        "min": 0, "max": 0.75, "help": "Overlap between neighbouring tiles (fraction)."})
+    batch_size: Optional[int] = field(default=None, metadata={
+        "gt": 0, "help": "Tiles per forward pass; empty = chosen automatically."})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
+        "help": "auto uses a CUDA GPU when present, else the CPU."})
+    input_voxel_size_um: Optional[Tuple[float, float, float]] = field(default=None, metadata={
+        "gt": 0, "help": "Voxel size (z, y, x) um of inputs whose files record none."})
+    segment: SegmentParams = field(default_factory=SegmentParams)
+
+
+@dataclass
+class StackResult:
+    """What :func:`segment_stack` produced for one input."""
+
+    labels: Volume
+    probabilities: Optional[np.ndarray]  # (C, Z, Y, X) uint8, or None
+    channels: Tuple[str, ...]
+    n_cells: int
+    seconds: Dict[str, float]
+    outputs: List[Path] = field(default_factory=list)
+
+
+class NormalisedView:
+    """Read-only ZYX view that normalises whatever slice is read from it.
+
+    ``view[z0:z1, y0:y1, x0:x1]`` returns float32 ``(raw - offset) / scale``,
+    so the sliding window never needs a normalised copy of the whole stack.
+    """
+
+    def __init__(self, raw: np.ndarray, offset: float, scale: float):
+        self.raw = raw
+        self.offset = np.float32(offset)
+        self.inv_scale = np.float32(1.0 / scale)
+        self.shape = tuple(raw.shape)
+        self.ndim = 3
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, index) -> np.ndarray:
+        out = np.subtract(self.raw[index], self.offset, dtype=np.float32)
+        out *= self.inv_scale
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+def normalised_view(raw: np.ndarray, normalisation: Dict[str, Any]) -> NormalisedView:
+    """Normalise ``raw`` as the model's training data were (per-volume statistics).
+
+    ``normalisation`` is the model file's description, e.g. ``{"mode": "zscore",
+    "mask": "all"}`` or ``{"mode": "percentile", "low": 1, "high": 99.8}``; the
+    statistics are recomputed on this volume, as in training.
+    """
+    from core.preprocess import zscore_stats
+
+    mode = normalisation.get("mode", "zscore")
+    if mode == "zscore":
+        stats = zscore_stats(raw, normalisation.get("mask", "all"))
+        if not stats["std"] > 0:
+            raise VolumeDataError("The stack is constant, so there is nothing to segment; "
+                                  "check that the right file or dataset was given.")
+        return NormalisedView(raw, stats["mean"], stats["std"])
+    if mode == "percentile":
+        lo, hi = _percentiles(raw, normalisation.get("low", 1.0), normalisation.get("high", 99.8))
+        if not hi > lo:
+            raise VolumeDataError("The stack's intensity percentiles are equal, so it cannot "
+                                  "be normalised; check the file.")
+        return NormalisedView(raw, lo, hi - lo)
+    if mode == "none":
+        return NormalisedView(raw, 0.0, 1.0)
+    raise ConfigError(f"The model's normalisation mode {mode!r} is unknown; update EpiSeg.")
+
+
+def _percentiles(raw: np.ndarray, low: float, high: float, max_samples: int = 20_000_000):
+    """Percentiles from a regular subsample when the stack is large (exact when small)."""
+    step = max(1, int(np.ceil((raw.size / max_samples) ** (1 / 3))))
+    sample = raw[::step, ::step, ::step]
+    lo, hi = np.percentile(sample, [low, high])
+    return float(lo), float(hi)
+
+
+def _needs_resampling(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> bool:
+    if a is None or b is None:
+        return False
+    return any(abs(x / y - 1.0) > 0.02 for x, y in zip(a, b))
+
+
+def _resize_channel(prob: np.ndarray, shape: Tuple[int, int, int]) -> np.ndarray:
+    """Linear resampling of one uint8 probability channel to ``shape``."""
+    from core.preprocess import resample_image
+
+    factors = tuple(t / s for t, s in zip(shape, prob.shape))
+    out = resample_image(prob, factors, order=1, anti_aliasing=True)
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if out.shape != tuple(shape):  # rounding of the zoom grid
+        pad = [(0, max(0, t - s)) for t, s in zip(shape, out.shape)]
+        out = np.pad(out, pad, mode="edge")[: shape[0], : shape[1], : shape[2]]
+    return out
+
+
+def _probability_store(shape: Tuple[int, ...], work_dir: Optional[Path]) -> np.ndarray:
+    """uint8 array for probabilities; memory-mapped on disk when large."""
+    nbytes = int(np.prod(shape))
+    if nbytes <= MEMMAP_ABOVE_BYTES:
+        return np.zeros(shape, dtype=np.uint8)
+    folder = work_dir if work_dir is not None else Path(tempfile.gettempdir())
+    handle = tempfile.NamedTemporaryFile(prefix=".episeg-prob-", suffix=".u8", dir=folder,
+                                         delete=False)
+    handle.close()
+    arr = np.memmap(handle.name, dtype=np.uint8, mode="w+", shape=shape)
+    os.unlink(handle.name)  # the mapping stays valid; nothing is left behind on a crash (POSIX)
+    return arr
+
+
+def segment_stack(
+    volume: Volume,
+    model,
+    info,
+    *,
+    config: Optional[PredictConfig] = None,
+    work_dir: Optional[Path] = None,
+    progress: ProgressFn = None,
+    cancel: CancelFlag = None,
+) -> StackResult:
+    """Cells of one stack.
+
+    Parameters
+    ----------
+    volume : the stack (ZYX, any real dtype, voxel size in um or None).
+    model, info : from :func:`core.checkpoint.load_model_for_inference`.
+    config : :class:`PredictConfig`.
+
+    Returns a :class:`StackResult` whose labels have the input's shape and voxel
+    size (0 background, cells 1..n).
+    """
+    from core.predict import predict_probabilities
+    from core.preprocess import resample_image
+
+    config = config or PredictConfig()
+    rep = ProgressReporter(progress, "predict")
+    times: Dict[str, float] = {}
+    t0 = time.monotonic()
+    voxel_size = volume.voxel_size or config.input_voxel_size_um
+    model_vs = info.voxel_size_um
+    raw = volume.data
+    view = normalised_view(raw, info.normalisation)
+    image: Any = view
+    resample = _needs_resampling(voxel_size, model_vs)
+    if resample:
+        rep.message(f"{volume.name}: resampling from voxel size {tuple(voxel_size)} um to the "
+                    f"model's {tuple(model_vs)} um")
+        image = resample_image(view[...], voxel_size=voxel_size, target_voxel_size=model_vs,
+                               order=3, cancel=cancel)
+    elif voxel_size is None and model_vs is not None:
+        rep.message(f"{volume.name}: no voxel size recorded; assuming the model's "
+                    f"{tuple(model_vs)} um (give --voxel-size to set it)")
+    times["prepare"] = time.monotonic() - t0
+    check_cancelled(cancel, "Prediction")
+
+    t1 = time.monotonic()
+    n_channels = len(info.channels)
+    store = _probability_store((n_channels,) + tuple(image.shape), work_dir)
+    predict_probabilities(
+        model, image, tile_shape=config.tile_shape, overlap=config.overlap,
+        batch_size=config.batch_size, device=None if config.device == "auto" else config.device,
+        tta=config.tta, out=store, progress=progress, cancel=cancel,
+    )
+    del image
+    times["network"] = time.monotonic() - t1
+
+    t2 = time.monotonic()
+    if resample:
+        back = np.zeros((n_channels,) + volume.shape, dtype=np.uint8)
+        for c in range(n_channels):
+            back[c] = _resize_channel(store[c], volume.shape)
+        store = back
+    channel = {name: store[i] for i, name in enumerate(info.channels)}
+    cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
+    boundary_prob = channel.get("boundary", channel.get("boundaries"))
+    labels = cells_from_probabilities(
+        cell_prob, boundary_prob, voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
+        params=config.segment, progress=progress, cancel=cancel,
+    )
+    times["cells"] = time.monotonic() - t2
+    n_cells = int(labels.max()) if labels.size else 0
+    rep.message(f"{volume.name}: {n_cells} cells")
+    return StackResult(
+        labels=Volume(labels, volume.voxel_size or config.input_voxel_size_um,
+                      f"{volume.name}_cells", source=volume.source),
+        probabilities=store if config.save_probabilities else None,
+        channels=tuple(info.channels), n_cells=n_cells, seconds=times,
+    )
+
+
+def output_paths(stem: str, out_dir: Path, fmt: str, channels: Sequence[str],
+                 probabilities: bool) -> Dict[str, Path]:
+    """Where the results of input ``stem`` go: ``STEM_cells.<ext>`` (+ probabilities)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"Output format {fmt!r} is not one of {', '.join(FORMATS)}.")
+    ext = FORMATS[fmt]
+    paths = {"cells": out_dir / f"{stem}_cells{ext}"}
+    if probabilities:
+        for name in channels:
+            paths[f"prob_{name}"] = out_dir / f"{stem}_{name}_probability{ext}"
+    return paths
+
+
+def write_stack_result(result: StackResult, stem: str, out_dir: Path, fmt: str) -> List[Path]:
+    """Write the label stack (and probabilities if kept) atomically; returns the paths."""
+    from core.io import write_volume
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(stem, out_dir, fmt, result.channels, result.probabilities is not None)
+    written = [write_volume(paths["cells"], result.labels, labels=True,
+                            mat_variable="labels" if fmt == "mat" else None)]
+    if result.probabilities is not None:
+        for i, name in enumerate(result.channels):
+            vol = Volume(np.asarray(result.probabilities[i]), result.labels.voxel_size,
+                         f"{stem}_{name}_probability")
+            written.append(write_volume(paths[f"prob_{name}"], vol,
+                                        mat_variable="probability" if fmt == "mat" else None))
+    result.outputs = written
+    return written
+
+
+def input_stem(spec: str) -> str:
+    """File stem of an input spec, e.g. 'data/gland.h5:raw' -> 'gland'."""
+    from core.io import split_spec
+
+    path, _ = split_spec(spec)
+    return Path(path).stem

@@ -1,0 +1,109 @@
+"""The lab's whole path on the command line: synth -> train -> predict -> evaluate.
+
+Tiny stacks and a few training iterations: this checks that the commands fit
+together and write what a user opens next (Fiji TIFF, MATLAB .mat, HDF5), not
+accuracy (benchmarks/quality.py measures that).
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+
+from core.cli.main import main
+from core.io import read_labels, read_volume
+
+SHAPE = "12,64,64"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Synthetic stacks and a model trained for a few iterations by the CLI."""
+    d = tmp_path_factory.mktemp("cli")
+    assert main(["synth", str(d / "data"), "--n", "3", "--shape", SHAPE, "--seed", "4",
+                 "--quiet"]) == 0
+    raw = [d / "data" / f"synth_{i:03d}_raw.tif" for i in range(3)]
+    lab = [d / "data" / f"synth_{i:03d}_labels.tif" for i in range(3)]
+    assert main(["train", "--pair", str(raw[0]), str(lab[0]), "--val-pair", str(raw[1]),
+                 str(lab[1]), "--out", str(d / "model.pt"), "--epochs", "1", "--iterations",
+                 "3", "--patch-size", "8,32,32", "--quiet"]) == 0
+    return d, raw, lab
+
+
+@pytest.mark.parametrize("fmt", ["tif", "mat", "h5"])
+def test_predict_writes_cells_named_after_the_input_in_each_format(run, fmt, capsys):
+    d, raw, lab = run
+    out = d / f"out_{fmt}"
+    assert main(["predict", "--model", str(d / "model.pt"), "--out", str(out), "--format", fmt,
+                 "--save-probabilities", "--quiet", str(raw[2])]) == 0
+    cells = out / f"synth_002_raw_cells.{fmt}"
+    assert cells.exists()
+    labels = read_labels(str(cells))
+    original = read_volume(str(raw[2]))
+    assert labels.shape == original.shape
+    assert labels.voxel_size == pytest.approx(original.voxel_size)
+    assert labels.data.dtype.kind == "u"
+    ids = np.unique(labels.data)
+    assert np.array_equal(ids, np.arange(len(ids)))  # 0 background, cells 1..n
+    for name in ("cell", "boundary"):
+        prob = read_volume(str(out / f"synth_002_raw_{name}_probability.{fmt}"))
+        assert prob.shape == original.shape and prob.data.max() <= 255
+    if fmt == "mat":  # MATLAB sees I(row=y, col=x, slice=z)
+        m = scipy.io.loadmat(cells)
+        assert m["labels"].shape == (original.shape[1], original.shape[2], original.shape[0])
+    if fmt == "h5":
+        with h5py.File(cells, "r") as f:
+            assert "element_size_um" in f[list(f.keys())[0]].attrs
+    assert "cells" in capsys.readouterr().out
+
+
+def test_evaluate_scores_the_prediction_against_ground_truth(run):
+    d, raw, lab = run
+    out = d / "out_eval"
+    assert main(["predict", "--model", str(d / "model.pt"), "--out", str(out), "--quiet",
+                 str(raw[2])]) == 0
+    report = d / "metrics.json"
+    assert main(["evaluate", str(lab[2]), str(out / "synth_002_raw_cells.tif"), "--json",
+                 str(report), "--quiet"]) == 0
+    figures = json.loads(report.read_text())
+    for key in ("cell_iou", "ap50", "adapted_rand_error", "voi_split", "voi_merge",
+                "wrong_cells"):
+        assert key in figures
+
+
+def test_input_with_another_voxel_size_comes_back_on_its_own_grid(run, tmp_path):
+    d, raw, lab = run
+    vol = read_volume(str(raw[2]))
+    from core.io import write_volume
+    from core.volume import Volume
+    coarse = Volume(vol.data[:, ::2, ::2], (vol.voxel_size[0], vol.voxel_size[1] * 2,
+                                              vol.voxel_size[2] * 2), "coarse")
+    src = tmp_path / "coarse.tif"
+    write_volume(src, coarse)
+    assert main(["predict", "--model", str(d / "model.pt"), "--out", str(tmp_path), "--quiet",
+                 str(src)]) == 0
+    labels = read_labels(str(tmp_path / "coarse_cells.tif"))
+    assert labels.shape == coarse.shape
+    assert labels.voxel_size == pytest.approx(coarse.voxel_size)
+
+
+def test_a_bad_input_among_many_is_reported_and_the_others_are_done(run, tmp_path, capsys):
+    d, raw, lab = run
+    code = main(["predict", "--model", str(d / "model.pt"), "--out", str(tmp_path), "--quiet",
+                 str(tmp_path / "missing.tif"), str(raw[2])])
+    assert code == 2
+    assert (tmp_path / "synth_002_raw_cells.tif").exists()
+    assert "missing.tif" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_model_is_refused_clearly(run, tmp_path, capsys):
+    d, raw, lab = run
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(b"not a model at all")
+    assert main(["predict", "--model", str(fake), "--out", str(tmp_path), str(raw[2])]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt" in err and "Traceback" not in err
