@@ -96,6 +96,7 @@ def run_demo(out_dir: Path, settings: Optional[DemoSettings] = None, *,
         },
         "model": {"preset": s.preset},
         "epochs": 1000,
+        "iterations_per_epoch": 40,
         "max_minutes": s.minutes,
         "seed": s.seed,
     }, where="demo settings")
