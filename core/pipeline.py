@@ -46,7 +46,7 @@ class PredictConfig:
         "help": "Test-time augmentation: average predictions over flips (slower, smoother)."})
     tile_shape: Optional[Tuple[int, int, int]] = field(default=None, metadata={
         "gt": 0, "help": "Tile size (z, y, x) in voxels; empty = chosen from memory."})
-    overlap: float = field(default=0.25, metadata={
+    overlap: float = field(default=0.125, metadata={
         "min": 0, "max": 0.75, "help": "Overlap between neighbouring tiles (fraction)."})
     batch_size: Optional[int] = field(default=None, metadata={
         "gt": 0, "help": "Tiles per forward pass; empty = chosen automatically."})

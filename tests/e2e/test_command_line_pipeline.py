@@ -107,3 +107,14 @@ def test_a_file_that_is_not_a_model_is_refused_clearly(run, tmp_path, capsys):
     assert main(["predict", "--model", str(fake), "--out", str(tmp_path), str(raw[2])]) == 2
     err = capsys.readouterr().err
     assert "model.pt" in err and "Traceback" not in err
+
+
+def test_the_example_predict_config_shows_the_defaults():
+    from pathlib import Path
+
+    from core.config import from_dict, load_yaml, to_dict
+    from core.pipeline import PredictConfig
+
+    example = Path(__file__).resolve().parents[2] / "resources" / "configs" / "predict.yaml"
+    assert to_dict(load_yaml(example, PredictConfig, section="predict")) == to_dict(
+        from_dict(PredictConfig, {}))
