@@ -14,21 +14,8 @@ import warnings
 from core.errors import VolumeWriteError
 from core.io import read_labels, read_volume, split_spec, write_volume
 from core.io.base import fmt_shape, fmt_voxel
+from core.cli.args import voxel_size as voxel_size_arg
 from core.cli.cmd_info import add_pick_options
-
-
-def voxel_size_arg(text: str):
-    """'0.5,0.1,0.1' -> (0.5, 0.1, 0.1): z, y, x in micrometres."""
-    parts = [p for p in text.replace(" ", ",").split(",") if p]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(v > 0 and v != float("inf") for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected three positive numbers Z,Y,X in micrometres (e.g. 0.5,0.1,0.1), got '{text}'"
-        )
-    return values
 
 
 def register(subparsers) -> None:

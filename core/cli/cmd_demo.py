@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.cli.args import voxels
 from core.cli.progress import TerminalProgress
-
-
-def _shape(text: str):
-    parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        import argparse
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X whole numbers, got {text!r}")
-    return tuple(int(p) for p in parts)
 
 
 def register(sub) -> None:
@@ -30,7 +23,7 @@ def register(sub) -> None:
                    help="output folder (default ./episeg_demo)")
     p.add_argument("--minutes", type=float, default=4.0,
                    help="training budget in minutes (default 4)")
-    p.add_argument("--shape", type=_shape, default=(40, 160, 160), metavar="Z,Y,X",
+    p.add_argument("--shape", type=voxels, default=(40, 160, 160), metavar="Z,Y,X",
                    help="size of the synthetic stacks (default 40,160,160)")
     p.add_argument("--seed", type=int, default=2020, help="random seed of the synthetic data")
     p.add_argument("--init", type=Path, help="fine-tune this model instead of the bundled one")

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from core.cli.args import voxel_size, voxels
 from core.cli.progress import TerminalProgress
 from core.errors import EpiSegError
-
-
-def _triple(text: str):
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X numbers, got {text!r}") from None
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three values Z,Y,X, got {text!r}")
-    return values
 
 
 def register(sub) -> None:
@@ -43,9 +33,9 @@ def register(sub) -> None:
     p.add_argument("--tta", action="store_true", default=None,
                    help="average over flips (test-time augmentation)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the network")
-    p.add_argument("--tile-shape", type=_triple, metavar="Z,Y,X", help="tile size in voxels")
+    p.add_argument("--tile-shape", type=voxels, metavar="Z,Y,X", help="tile size in voxels")
     p.add_argument("--batch-size", type=int, help="tiles per forward pass")
-    p.add_argument("--voxel-size", type=_triple, metavar="Z,Y,X",
+    p.add_argument("--voxel-size", type=voxel_size, metavar="Z,Y,X",
                    help="voxel size (um) of inputs whose files record none")
     p.add_argument("--min-cell-size", type=float, metavar="UM3",
                    help="cells smaller than this (cubic micrometres) join their neighbours")
@@ -66,7 +56,7 @@ def build_config(args):
         "save_probabilities": args.save_probabilities,
         "tta": args.tta,
         "device": args.device,
-        "tile_shape": None if args.tile_shape is None else tuple(int(v) for v in args.tile_shape),
+        "tile_shape": args.tile_shape,
         "batch_size": args.batch_size,
         "input_voxel_size_um": args.voxel_size,
         "segment.min_cell_size_um3": args.min_cell_size,

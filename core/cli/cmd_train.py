@@ -9,19 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from core.cli.args import voxel_size, voxels
 from core.cli.progress import TerminalProgress
-
-
-def _triple(kind):
-    def parse(text: str):
-        try:
-            values = tuple(kind(v) for v in text.replace(" ", "").split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected Z,Y,X numbers, got {text!r}") from None
-        if len(values) != 3:
-            raise argparse.ArgumentTypeError(f"expected three values Z,Y,X, got {text!r}")
-        return values
-    return parse
 
 
 def register(sub) -> None:
@@ -67,13 +56,13 @@ def register(sub) -> None:
                    help="what the network predicts (default both: cells with gaps + boundaries)")
     p.add_argument("--loss", choices=["dice", "bce", "weighted_bce", "bce_dice"],
                    help="training loss (default bce_dice)")
-    p.add_argument("--patch-size", type=_triple(int), metavar="Z,Y,X",
+    p.add_argument("--patch-size", type=voxels, metavar="Z,Y,X",
                    help="patch size in voxels (default: chosen from memory and model)")
     p.add_argument("--batch-size", type=int, metavar="N", help="patches per batch (default 2)")
     p.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (default 0.005)")
     p.add_argument("--augment", choices=["off", "light", "default", "strong"],
                    help="augmentation strength (default: default)")
-    p.add_argument("--voxel-size", type=_triple(float), metavar="Z,Y,X",
+    p.add_argument("--voxel-size", type=voxel_size, metavar="Z,Y,X",
                    help="training voxel size in um; stacks are resampled to it "
                         "(default: the first training stack's)")
     p.add_argument("--amp", choices=["auto", "on", "off"],
