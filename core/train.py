@@ -916,10 +916,13 @@ class _Context:
         done = self.schedule.iteration
         per_it = self.iter_seconds or 0.0
         eta = (total_iters - done) * per_it
+        total = total_iters
         if budget_s is not None:
             eta = min(eta, max(0.0, budget_s - run.elapsed()))
+            if per_it > 0:  # the time budget ends the run first: show that end
+                total = min(total_iters, done + int(round(eta / per_it)))
         run.progress(ProgressEvent(
-            "train", float(done), float(total_iters), "",
+            "train", float(done), float(max(total, done)), "",
             {"epoch": epoch, "loss": float(np.mean(losses[-20:])), "lr": self.current_lr},
             eta))
 
