@@ -29,12 +29,14 @@ class TerminalProgress:
                 tqdm.write(event.message, file=sys.stderr)
             return
         bar = self.bars.get(event.stage)
-        if bar is None or bar.total != event.total:
-            if bar is not None:
-                bar.close()
+        if bar is not None and event.done < bar.n:  # the stage started again (next stack)
+            bar.close()
+            bar = None
+        if bar is None:
             bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr,
                        leave=True, dynamic_ncols=True)
             self.bars[event.stage] = bar
+        bar.total = event.total  # may be re-estimated as the job runs
         bar.n = event.done
         if event.data:
             bar.set_postfix({k: _fmt(v) for k, v in event.data.items()}, refresh=False)
