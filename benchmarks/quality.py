@@ -94,8 +94,12 @@ def print_table(title: str, rows: List[Dict[str, Any]], train_minutes: float) ->
 
 def synthetic_benchmark(args, out: Path) -> Dict[str, Any]:
     data = out / "synthetic"
-    train_pairs = write_synthetic_dataset(data / "train", args.n_train + 1, args.shape,
-                                          seed=args.train_seed, overwrite=True)
+    train_pairs = []  # difficulty levels take turns, so the model sees clean and noisy stacks
+    for i in range(args.n_train + 1):
+        level = args.train_difficulties[i % len(args.train_difficulties)]
+        train_pairs += write_synthetic_dataset(
+            data / "train", 1, args.shape, seed=args.train_seed + i,
+            params=SynthParams.for_difficulty(level), overwrite=True, prefix=f"train{i}_{level}")
     tests = []
     for k, level in enumerate(args.difficulties):
         params = SynthParams.for_difficulty(level)
@@ -150,7 +154,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=4)
     ap.add_argument("--n-test", type=int, default=2, help="test stacks per difficulty")
     ap.add_argument("--shape", type=_shape, default=(48, 192, 192))
-    ap.add_argument("--difficulties", type=lambda s: s.split(","), default=["medium", "hard"])
+    ap.add_argument("--difficulties", type=lambda s: s.split(","), default=["medium", "hard"],
+                    help="difficulty levels of the test stacks")
+    ap.add_argument("--train-difficulties", type=lambda s: s.split(","),
+                    default=["medium", "hard"], help="levels the training stacks take in turn")
     ap.add_argument("--train-seed", type=int, default=100)
     ap.add_argument("--test-seed", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0, help="training seed")
