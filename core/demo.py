@@ -172,7 +172,7 @@ def draw_demo_figure(path: Path, shown: Dict[str, Any], train_losses, valid_loss
     panels = []
     for key, (raw, gt, pred, stem) in shown.items():
         z = raw.shape[0] // 2
-        y = int(np.argmax((pred.data > 0).sum(axis=(0, 2)))) if pred.data.any() else raw.shape[1] // 2
+        y = raw.shape[1] // 2
         vz, vy, vx = raw.voxel_size_or()
         row = [(f"{stem}: raw, XY z={z}", overlay(raw.data[z]))]
         if gt is not None:
