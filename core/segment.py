@@ -50,7 +50,8 @@ class SegmentParams:
         this is in voxels too; 2 fills the 2-voxel gaps of mode='outer').
     min_seed_size_um3: seeds smaller than this are ignored (noise).
     min_cell_size_um3: final cells smaller than this are given to their neighbours.
-    slab_z: number of Z slices processed at once by the watershed.
+    slab_z: at most this many Z slices per watershed block (blocks are also
+        capped at SLAB_VOXELS voxels, so memory stays bounded on any stack).
     """
 
     cell_threshold: float = 0.5
@@ -112,6 +113,19 @@ class _Prob:
         return self.a[index].astype(np.float32) / np.float32(self.scale)
 
 
+#: Voxels per block of the slab-wise steps (watershed, gap closing): bounds their
+#: memory to a few hundred MiB whatever the stack size (a 1024 x 1024 plane: 16 slices).
+SLAB_VOXELS = 16 * 1024 * 1024
+
+
+def _slabs(n_z: int, plane: int, slab_z: int, halo: int):
+    """(z0, z1, a, b): blocks [z0, z1) along Z, read with a halo as [a, b)."""
+    step = max(1, min(int(slab_z), SLAB_VOXELS // max(1, plane)))
+    for z0 in range(0, n_z, step):
+        z1 = min(n_z, z0 + step)
+        yield z0, z1, max(0, z0 - halo), min(n_z, z1 + halo)
+
+
 def close_gaps(mask: np.ndarray, radius_vox: int) -> np.ndarray:
     """Fill the thin gaps between cells in a boolean ZYX tissue mask.
 
@@ -125,6 +139,18 @@ def close_gaps(mask: np.ndarray, radius_vox: int) -> np.ndarray:
     if radius_vox <= 0:
         return mask
     r = int(radius_vox)
+    plane = mask.shape[1] * mask.shape[2]
+    if mask.size <= SLAB_VOXELS:
+        return _close_gaps_block(mask, r)
+    out = np.empty_like(mask)
+    # a voxel's result depends on the mask within 2r of it: a 2r halo makes slabs exact
+    for z0, z1, a, b in _slabs(mask.shape[0], plane, mask.shape[0], 2 * r):
+        out[z0:z1] = _close_gaps_block(mask[a:b], r)[z0 - a: z0 - a + (z1 - z0)]
+    return out
+
+
+def _close_gaps_block(mask: np.ndarray, r: int) -> np.ndarray:
+    """:func:`close_gaps` on one block held in memory (edge padding at its faces)."""
     padded = np.pad(mask, r, mode="edge")
     inner = (slice(r, -r),) * 3
     out = mask.copy()
@@ -224,7 +250,8 @@ def cells_from_probabilities(
             f"cell_prob {cp.a.shape} and boundary_prob {bp.a.shape} must have the same shape."
         )
     shape = (cp if cp is not None else bp).a.shape
-    rep = ProgressReporter(progress, "cells", total=1 + int(np.ceil(shape[0] / params.slab_z)))
+    n_slabs = len(list(_slabs(shape[0], shape[1] * shape[2], params.slab_z, 0)))
+    rep = ProgressReporter(progress, "cells", total=1 + n_slabs)
 
     # 1. tissue mask and seeds
     if cp is not None:
@@ -248,10 +275,8 @@ def cells_from_probabilities(
 
     # 2. watershed slab by slab; seeds have global ids so slabs agree at their borders
     labels = np.zeros(shape, dtype=label_dtype(n_seeds))
-    halo = 4
-    for i, z0 in enumerate(range(0, shape[0], params.slab_z), start=2):
-        z1 = min(shape[0], z0 + params.slab_z)
-        a, b = max(0, z0 - halo), min(shape[0], z1 + halo)
+    plane = shape[1] * shape[2]
+    for i, (z0, z1, a, b) in enumerate(_slabs(shape[0], plane, params.slab_z, 2), start=2):
         elevation = _elevation(cp, bp, np.s_[a:b])
         mask = tissue[a:b] if tissue is not None else None
         part = watershed(elevation, markers=seeds[a:b], mask=mask)
@@ -291,13 +316,15 @@ def _dissolve_small_cells(labels, voxel_size, min_size_um3, bp, cp) -> np.ndarra
     small[0] = False
     if not small.any():
         return labels
-    region = small[labels]
     keep = labels.copy()
-    keep[region] = 0
-    # only the bounding box of the small cells needs flooding
-    zz, yy, xx = (np.flatnonzero(region.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1)))
-    box = tuple(slice(max(0, c[0] - 2), c[-1] + 3) for c in (zz, yy, xx))
-    elevation = _elevation(cp, bp, box)
-    mask = (labels[box] > 0)
-    keep[box] = watershed(elevation, markers=keep[box], mask=mask)
+    plane = labels.shape[1] * labels.shape[2]
+    for z0, z1, a, b in _slabs(labels.shape[0], plane, labels.shape[0], 2):
+        region = small[labels[a:b]]
+        if not region.any():
+            continue
+        markers = labels[a:b].copy()
+        markers[region] = 0
+        flooded = watershed(_elevation(cp, bp, np.s_[a:b]), markers=markers,
+                            mask=labels[a:b] > 0)
+        keep[z0:z1] = flooded[z0 - a: z0 - a + (z1 - z0)]
     return keep

@@ -125,3 +125,18 @@ def test_bad_parameters_and_inputs_are_named():
         cells_from_probabilities(np.zeros((4, 4)))
     with pytest.raises(VolumeDataError, match="needs"):
         cells_from_probabilities()
+
+
+def test_small_memory_blocks_give_the_same_cells(monkeypatch):
+    """A full lab stack is processed in blocks; blocks must not change the result."""
+    import core.segment as seg
+
+    gt = voronoi_tissue()
+    cp, bp = probabilities_from(gt)
+    whole = cells_from_probabilities(cp, bp)
+    tissue = cp > 0.5
+    closed_whole = seg.close_gaps(tissue, 2)
+    monkeypatch.setattr(seg, "SLAB_VOXELS", 3 * 64 * 64)  # 3-slice blocks
+    assert np.array_equal(seg.close_gaps(tissue, 2), closed_whole)
+    blocks = cells_from_probabilities(cp, bp)
+    assert (whole == blocks).mean() > 0.999
