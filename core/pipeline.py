@@ -190,6 +190,8 @@ def segment_stack(
     rep = ProgressReporter(progress, "predict")
     times: Dict[str, float] = {}
     t0 = time.monotonic()
+    shape, name, source = volume.shape, volume.name, volume.source
+    recorded_voxel_size = volume.voxel_size
     voxel_size = volume.voxel_size or config.input_voxel_size_um
     model_vs = info.voxel_size_um
     raw = volume.data
@@ -215,14 +217,15 @@ def segment_stack(
         batch_size=config.batch_size, device=None if config.device == "auto" else config.device,
         tta=config.tta, out=store, progress=progress, cancel=cancel,
     )
-    del image
+    # the image is not needed any more: a caller that did not keep the volume frees it here
+    del image, view, raw, volume
     times["network"] = time.monotonic() - t1
 
     t2 = time.monotonic()
     if resample:
-        back = np.zeros((n_channels,) + volume.shape, dtype=np.uint8)
+        back = np.zeros((n_channels,) + shape, dtype=np.uint8)
         for c in range(n_channels):
-            back[c] = _resize_channel(store[c], volume.shape)
+            back[c] = _resize_channel(store[c], shape)
         store = back
     channel = {name: store[i] for i, name in enumerate(info.channels)}
     cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
@@ -233,10 +236,10 @@ def segment_stack(
     )
     times["cells"] = time.monotonic() - t2
     n_cells = int(labels.max()) if labels.size else 0
-    rep.message(f"{volume.name}: {n_cells} cells")
+    rep.message(f"{name}: {n_cells} cells")
     return StackResult(
-        labels=Volume(labels, volume.voxel_size or config.input_voxel_size_um,
-                      f"{volume.name}_cells", source=volume.source),
+        labels=Volume(labels, recorded_voxel_size or config.input_voxel_size_um,
+                      f"{name}_cells", source=source),
         probabilities=store if config.save_probabilities else None,
         channels=tuple(info.channels), n_cells=n_cells, seconds=times,
     )

@@ -263,12 +263,11 @@ def cells_from_probabilities(
     else:
         tissue = None
         interior = bp.below(params.seed_threshold)
-    seeds, n_seeds = find_seeds(
-        interior,
-        voxel_size=voxel_size,
-        erosion_um=params.seed_erosion_um,
-        min_size_um3=params.min_seed_size_um3,
-    )
+    footprint = ball_um(params.seed_erosion_um, voxel_size)
+    if footprint is not None:  # erode here so the un-eroded mask is freed before labelling
+        interior = ndi.binary_erosion(interior, structure=footprint)
+    seeds, n_seeds = find_seeds(interior, voxel_size=voxel_size,
+                                min_size_um3=params.min_seed_size_um3)
     del interior
     rep.update(1, message=f"{n_seeds} seeds")
     check_cancelled(cancel, "Cell segmentation")

@@ -80,9 +80,9 @@ def run(args) -> int:
     with TerminalProgress(quiet=args.quiet) as bar:
         for spec in args.inputs:
             try:
-                volume = read_volume(spec, channel=args.channel)
-                result = segment_stack(volume, model, info, config=config, work_dir=args.out,
-                                       progress=bar)
+                # not kept in a variable: segment_stack frees the image after the network
+                result = segment_stack(read_volume(spec, channel=args.channel), model, info,
+                                       config=config, work_dir=args.out, progress=bar)
                 paths = write_stack_result(result, input_stem(spec), args.out, config.format)
             except EpiSegError as err:
                 if len(args.inputs) == 1:
