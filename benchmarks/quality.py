@@ -1,29 +1,47 @@
-"""Accuracy after a fixed CPU training budget, on stacks the model has never seen.
+"""The accuracy table: which method wins on stacks it has never seen.
 
-Prints a table (and writes quality.json into --out):
+For every method variant: train with a fixed CPU budget on the same stacks,
+tune the post-processing (seed thresholds and erosion) on the validation stack
+only, then report per held-out stack and on average: cell IoU, AP50, F1,
+adapted Rand error, VOI split/merge, wrongCells, training minutes, prediction
+seconds, and how well the per-cell flags (core.flags) find the wrong cells.
 
-* synthetic: train on ``--n-train`` stacks made with ``--train-seed``, test on
-  stacks made with another seed at each difficulty level;
-* real: ``../shared/data/sample_patch.h5`` (plant tissue, imperfect ground
-  truth) split along X into a training half and a test half.
+Held-out data:
 
-Figures per test stack and on average: cell IoU, AP50, F1, adapted Rand error,
-VOI split/merge, wrongCells (and as a share of the cells), training minutes and
-prediction seconds.
+* synthetic stacks from seeds never used in training, at three levels:
+  ``medium`` (the training optics), ``hard`` (noisier, blurrier, stronger
+  scutoids) and ``shifted`` (another voxel size, larger cells, fewer photons:
+  a microscope setting the model never saw);
+* the real ``../shared/data/sample_patch.h5`` (plant tissue, imperfect ground
+  truth) split along X: x < 75 trains, 75..99 validates, x >= 100 tests.
 
-Example (the issue's figures)::
+Reference rows: ``classical`` (smoothing + Otsu + distance-transform
+watershed, what a Fiji user would do; its parameters tuned on the same
+validation stack) and ``thesis`` (cells-with-gaps target, Dice loss, flips,
+z-score, as in the 2020 thesis).
 
-    .venv/bin/python benchmarks/quality.py --minutes 15 --real-minutes 5
+Examples::
+
+    # screening: every variant, 5 minutes each
+    .venv/bin/python benchmarks/quality.py --variants all --minutes 5 --real-minutes 0
+    # the figures of docs/accuracy.md
+    .venv/bin/python benchmarks/quality.py --variants classical,thesis,default --minutes 15 --real-minutes 5
+
+Models are cached in --out/models (``--retrain`` trains again); results go to
+--out/quality.json and a Markdown table to --out/quality.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,147 +49,339 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.checkpoint import load_model_for_inference  # noqa: E402
+from core.classical import ClassicalParams, classical_cells  # noqa: E402
 from core.config import from_dict  # noqa: E402
+from core.flags import cell_flags, flag_precision, wrong_predicted_cells  # noqa: E402
 from core.io import read_labels, read_volume, write_volume  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.pipeline import PredictConfig, segment_stack  # noqa: E402
+from core.segment import SegmentParams, cells_from_probabilities  # noqa: E402
 from core.synth import SynthParams, write_synthetic_dataset  # noqa: E402
 from core.train import TrainConfig, train  # noqa: E402
 from core.volume import Volume  # noqa: E402
 
-COLUMNS = ("cell_iou", "ap50", "f1_50", "adapted_rand_error", "voi_split", "voi_merge",
-           "wrong_cells", "n_gt_cells", "n_pred_cells")
 SHARED = REPO.parent / "shared" / "data"
+COLUMNS = ("cell_iou", "ap50", "f1_50", "adapted_rand_error", "voi_split", "voi_merge",
+           "wrong_cells_share", "flag_precision_top10")
+
+#: Training-config overrides of each variant (on top of TrainConfig's defaults).
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "classical": {},  # no network
+    "thesis": {"target": "cells_with_gaps", "loss": {"name": "dice"},
+               "augment": {"level": "flips"}, "data": {"normalisation": {"mode": "zscore"}}},
+    "default": {},  # whatever `episeg train` does without options
+    "both": {"target": "both"},
+    "all": {"target": "all"},
+    "all_bce": {"target": "all", "loss": {"name": "bce"}},
+    "all_dice": {"target": "all", "loss": {"name": "dice"}},
+    "all_weighted_bce": {"target": "all", "loss": {"name": "weighted_bce"}},
+    "all_light_aug": {"target": "all", "augment": {"level": "light"}},
+    "all_strong_aug": {"target": "all", "augment": {"level": "strong", "elastic": False}},
+    "all_percentile": {"target": "all", "data": {"normalisation": {"mode": "percentile"}}},
+    "all_wide": {"target": "all", "model": {"base_features": 16}},
+    "all_deep": {"target": "all", "model": {"depth": 4}},
+    "boundaries": {"target": "boundaries"},
+}
+SCREEN = ["classical", "thesis", "both", "all", "all_weighted_bce", "all_dice",
+          "all_strong_aug", "all_percentile", "all_wide"]
+
+#: Post-processing grid searched on the validation stack of each trained variant.
+SEGMENT_GRID = {
+    "seed_threshold": (0.6, 0.7, 0.8),
+    "seed_max_boundary": (0.2, 0.3, 0.5),
+    "seed_erosion_um": (0.3, 0.6, 0.9),
+}
+CLASSICAL_GRID = {
+    "smoothing_um": (0.3, 0.6),
+    "seed_h_um": (0.3, 0.6),
+    "threshold_factor": (0.8, 1.0),
+}
+
+TEST_LEVELS: Dict[str, Dict[str, Any]] = {
+    "medium": {},
+    "hard": {"difficulty": "hard"},
+    "shifted": {"voxel_size_um": (0.8, 0.25, 0.25), "cells_around": 11.0, "photons": 20.0,
+                "psf_sigma_um": (1.2, 0.35, 0.35)},
+}
 
 
 def _shape(text: str) -> Tuple[int, int, int]:
     return tuple(int(v) for v in text.split(","))  # type: ignore[return-value]
 
 
-def train_model(pairs: Sequence[Tuple[Path, Path]], val: Sequence[Tuple[Path, Path]],
-                out: Path, minutes: float, args, voxel_size=None) -> Tuple[Path, float, Any]:
-    source = lambda r, l: {"raw": str(r), "labels": str(l),  # noqa: E731
-                           **({"voxel_size_um": list(voxel_size)} if voxel_size else {})}
-    cfg = from_dict(TrainConfig, {
-        "data": {"train": [source(r, l) for r, l in pairs],
-                 "val": [source(r, l) for r, l in val]},
-        "model": {"preset": args.preset},
-        "epochs": 100000,
-        "max_minutes": minutes,
-        "seed": args.seed,
-    }, where="benchmark")
-    t0 = time.monotonic()
-    result = train(cfg, out)
-    return out, (time.monotonic() - t0) / 60, result
+def _deep_update(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_update(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
 
 
-def score(model_path: Path, tests: Sequence[Tuple[str, Volume, Volume]], out_dir: Path,
-          tta: bool = False) -> List[Dict[str, Any]]:
-    model, info = load_model_for_inference(model_path, "cpu")
-    pconf = from_dict(PredictConfig, {"tta": tta})
-    rows = []
-    for name, raw, gt in tests:
-        t0 = time.monotonic()
-        res = segment_stack(raw, model, info, config=pconf, work_dir=out_dir)
-        seconds = time.monotonic() - t0
-        m = evaluate(gt.data, res.labels.data, components=False).to_dict()
-        m["wrong_cells_share"] = m["wrong_cells"] / max(1, m["n_gt_cells"])
-        rows.append({"stack": name, "predict_seconds": seconds, **m})
-        write_volume(out_dir / f"{name}_cells.tif", res.labels, labels=True)
-    return rows
+def _objective(m: Dict[str, Any]) -> float:
+    """What the post-processing search maximises on the validation stack."""
+    return float(m["ap50"]) - float(m["adapted_rand_error"])
 
 
-def print_table(title: str, rows: List[Dict[str, Any]], train_minutes: float) -> None:
-    print(f"\n{title} (training {train_minutes:.1f} min)")
-    head = f"{'stack':28s}" + "".join(f"{c:>20s}" for c in COLUMNS) + f"{'predict s':>12s}"
-    print(head)
-    for r in rows:
-        print(f"{r['stack']:28s}" + "".join(f"{r[c]:20.4g}" for c in COLUMNS)
-              + f"{r['predict_seconds']:12.1f}")
-    mean = {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS}
-    print(f"{'mean':28s}" + "".join(f"{mean[c]:20.4g}" for c in COLUMNS))
+def _metrics(gt: np.ndarray, labels: np.ndarray, probs: Optional[Dict[str, np.ndarray]],
+             voxel_size) -> Dict[str, Any]:
+    res = evaluate(gt, labels, components=False)
+    m = res.to_dict()
+    m["wrong_cells_share"] = m["wrong_cells"] / max(1, m["n_gt_cells"])
+    if probs is not None:
+        rows = cell_flags(labels, probs.get("boundary"), probs.get("cell"), voxel_size=voxel_size)
+        fp = flag_precision(rows, wrong_predicted_cells(res.cells), ks=(10, 20))
+        m.update({f"flag_{k}": v for k, v in fp.items()})
+    else:
+        m["flag_precision_top10"] = float("nan")
+    return m
 
 
-def synthetic_benchmark(args, out: Path) -> Dict[str, Any]:
-    data = out / "synthetic"
-    train_pairs = []  # difficulty levels take turns, so the model sees clean and noisy stacks
-    for i in range(args.n_train + 1):
+# ---------------------------------------------------------------- data
+def make_data(args, out: Path) -> Dict[str, Any]:
+    """Training, validation and test stacks (written once, reused by every variant)."""
+    data = out / "data"
+    train_pairs = []
+    for i in range(args.n_train + 1):  # difficulty levels take turns
         level = args.train_difficulties[i % len(args.train_difficulties)]
-        train_pairs += write_synthetic_dataset(
-            data / "train", 1, args.shape, seed=args.train_seed + i,
-            params=SynthParams.for_difficulty(level), overwrite=True, prefix=f"train{i}_{level}")
+        train_pairs += _synth(data / "train", f"train{i}_{level}", args.train_seed + i,
+                              SynthParams.for_difficulty(level), args.shape)
     tests = []
-    for k, level in enumerate(args.difficulties):
-        params = SynthParams.for_difficulty(level)
-        pairs = write_synthetic_dataset(data / f"test_{level}", args.n_test, args.shape,
-                                        seed=args.test_seed + k, params=params, overwrite=True,
-                                        prefix=f"test_{level}")
-        for r, l in pairs:
-            tests.append((r.stem.replace("_raw", ""), read_volume(r), read_labels(l)))
-    model, minutes, result = train_model(train_pairs[:-1], train_pairs[-1:], out / "synthetic.pt",
-                                         args.minutes, args)
-    rows = score(model, tests, out / "synthetic_cells", tta=args.tta)
-    print_table("Held-out synthetic stacks", rows, minutes)
-    return {"train_minutes": minutes, "epochs": result.epochs, "rows": rows}
+    for k, level in enumerate(args.levels):
+        over = dict(TEST_LEVELS[level])
+        params = SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
+        for j in range(args.n_test):
+            (r, l), = _synth(data / "test", f"test_{level}_{j}", args.test_seed + 10 * k + j,
+                             params, args.shape)
+            tests.append((f"{level} {j}", r, l))
+    return {"train": train_pairs[:-1], "val": train_pairs[-1], "tests": tests}
 
 
-def real_benchmark(args, out: Path) -> Dict[str, Any]:
-    """sample_patch.h5 split along X: x < half trains (with its last quarter validating)."""
+def _synth(folder: Path, prefix: str, seed: int, params: SynthParams, shape) -> List[Tuple[Path, Path]]:
+    r, l = folder / f"{prefix}_000_raw.tif", folder / f"{prefix}_000_labels.tif"
+    if r.exists() and l.exists():
+        return [(r, l)]
+    return write_synthetic_dataset(folder, 1, shape, seed=seed, params=params, prefix=prefix,
+                                   overwrite=True)
+
+
+def real_data(out: Path) -> Optional[Dict[str, Any]]:
+    """sample_patch.h5 split along X into train (x < 75), val (75..99) and test (x >= 100)."""
     src = SHARED / "sample_patch.h5"
     if not src.exists():
-        print(f"\n(real data skipped: {src} not found)")
-        return {}
+        print(f"(real data skipped: {src} not found)")
+        return None
     raw = read_volume(f"{src}:raw")
     lab = read_labels(f"{src}:label")
     half = raw.shape[2] // 2
-    folder = out / "real"
+    folder = out / "data" / "real"
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {
-        "train": (slice(None), slice(None), slice(0, half * 3 // 4)),
-        "val": (slice(None), slice(None), slice(half * 3 // 4, half)),
-        "test": (slice(None), slice(None), slice(half, None)),
-    }
+    parts = {"train": slice(0, half * 3 // 4), "val": slice(half * 3 // 4, half),
+             "test": slice(half, None)}
     files = {}
     for name, sl in parts.items():
         r = folder / f"sample_patch_{name}_raw.tif"
         l = folder / f"sample_patch_{name}_labels.tif"
-        write_volume(r, Volume(raw.data[sl], (1.0, 1.0, 1.0), r.stem))
-        write_volume(l, Volume(lab.data[sl], (1.0, 1.0, 1.0), l.stem), labels=True)
+        if not (r.exists() and l.exists()):
+            write_volume(r, Volume(raw.data[:, :, sl], (1.0, 1.0, 1.0), r.stem))
+            write_volume(l, Volume(lab.data[:, :, sl], (1.0, 1.0, 1.0), l.stem), labels=True)
         files[name] = (r, l)
-    model, minutes, result = train_model([files["train"]], [files["val"]], out / "real.pt",
-                                         args.real_minutes, args)
-    test_raw, test_lab = read_volume(files["test"][0]), read_labels(files["test"][1])
-    rows = score(model, [("sample_patch_test_half", test_raw, test_lab)], folder, tta=args.tta)
-    print_table("Real sample_patch.h5, test half", rows, minutes)
-    return {"train_minutes": minutes, "epochs": result.epochs, "rows": rows}
+    return {"train": [files["train"]], "val": files["val"],
+            "tests": [("sample_patch test", *files["test"])]}
+
+
+# ---------------------------------------------------------------- methods
+def train_variant(name: str, data: Dict[str, Any], model_path: Path, minutes: float,
+                  args) -> Dict[str, Any]:
+    """Train (or reuse) the variant's model; returns training facts."""
+    facts_path = model_path.with_suffix(".json")
+    if model_path.exists() and facts_path.exists() and not args.retrain:
+        return json.loads(facts_path.read_text())
+    source = lambda r, l: {"raw": str(r), "labels": str(l)}  # noqa: E731
+    cfg_dict = _deep_update({
+        "data": {"train": [source(r, l) for r, l in data["train"]],
+                 "val": [source(*data["val"])]},
+        "epochs": 100000, "max_minutes": minutes, "seed": args.seed,
+    }, VARIANTS[name])
+    cfg = from_dict(TrainConfig, cfg_dict, where=f"variant {name}")
+    t0 = time.monotonic()
+    result = train(cfg, model_path)
+    facts = {"train_minutes": (time.monotonic() - t0) / 60, "epochs": result.epochs,
+             "best_epoch": result.best_epoch, "patch": list(result.patch_size),
+             "overrides": VARIANTS[name]}
+    facts_path.write_text(json.dumps(facts, indent=2, default=float))
+    return facts
+
+
+def _probabilities(model, info, raw: Volume) -> Dict[str, np.ndarray]:
+    pconf = from_dict(PredictConfig, {"save_probabilities": True, "flags": False})
+    res = segment_stack(raw, model, info, config=pconf)
+    return {n: np.asarray(res.probabilities[i]) for i, n in enumerate(res.channels)}
+
+
+def tune_segmentation(model, info, val: Tuple[Path, Path]) -> Tuple[Dict[str, float], float]:
+    """Best SEGMENT_GRID point on the validation stack (objective: AP50 - ARE)."""
+    raw, gt = read_volume(val[0]), read_labels(val[1])
+    probs = _probabilities(model, info, raw)
+    vs = raw.voxel_size or info.voxel_size_um or (1.0, 1.0, 1.0)
+    best, best_score = {}, -np.inf
+    for combo in itertools.product(*SEGMENT_GRID.values()):
+        params = dict(zip(SEGMENT_GRID, combo))
+        labels = cells_from_probabilities(probs.get("cell"), probs.get("boundary"),
+                                          tissue_prob=probs.get("tissue"), voxel_size=vs,
+                                          params=replace(SegmentParams(), **params))
+        m = evaluate(gt.data, labels, components=False).to_dict()
+        if _objective(m) > best_score:
+            best, best_score = params, _objective(m)
+    return best, float(best_score)
+
+
+def score_model(model_path: Path, tests, segment: Dict[str, float], tta: bool,
+                out_dir: Path) -> List[Dict[str, Any]]:
+    model, info = load_model_for_inference(model_path, "cpu")
+    pconf = from_dict(PredictConfig, {"tta": tta, "flags": False, "save_probabilities": True,
+                                      "segment": segment})
+    rows = []
+    for name, r, l in tests:
+        raw, gt = read_volume(r), read_labels(l)
+        t0 = time.monotonic()
+        res = segment_stack(raw, model, info, config=pconf)
+        seconds = time.monotonic() - t0
+        probs = {n: np.asarray(res.probabilities[i]) for i, n in enumerate(res.channels)}
+        m = _metrics(gt.data, res.labels.data, probs, raw.voxel_size or (1.0, 1.0, 1.0))
+        rows.append({"stack": name, "predict_seconds": seconds, **m})
+        write_volume(out_dir / f"{name.replace(' ', '_')}_cells.tif", res.labels, labels=True)
+    return rows
+
+
+def classical_rows(data: Dict[str, Any], out_dir: Path) -> Tuple[List[Dict[str, Any]], Dict]:
+    raw, gt = read_volume(data["val"][0]), read_labels(data["val"][1])
+    vs = raw.voxel_size or (1.0, 1.0, 1.0)
+    best, best_score = {}, -np.inf
+    for combo in itertools.product(*CLASSICAL_GRID.values()):
+        params = dict(zip(CLASSICAL_GRID, combo))
+        labels = classical_cells(raw.data, vs, ClassicalParams(**params))
+        m = evaluate(gt.data, labels, components=False).to_dict()
+        if _objective(m) > best_score:
+            best, best_score = params, _objective(m)
+    rows = []
+    for name, r, l in data["tests"]:
+        raw, gt = read_volume(r), read_labels(l)
+        t0 = time.monotonic()
+        labels = classical_cells(raw.data, raw.voxel_size or (1.0, 1.0, 1.0), ClassicalParams(**best))
+        seconds = time.monotonic() - t0
+        rows.append({"stack": name, "predict_seconds": seconds,
+                     **_metrics(gt.data, labels, None, None)})
+        write_volume(out_dir / f"{name.replace(' ', '_')}_cells.tif",
+                     Volume(labels, raw.voxel_size, name), labels=True)
+    return rows, best
+
+
+# ---------------------------------------------------------------- report
+def summarise(rows: List[Dict[str, Any]]) -> Dict[str, float]:
+    keys = COLUMNS + ("wrong_cells", "n_gt_cells", "predict_seconds")
+    return {k: float(np.nanmean([r.get(k, np.nan) for r in rows])) for k in keys}
+
+
+def markdown(results: Dict[str, Dict[str, Any]], title: str) -> str:
+    head = ("| variant | stack | cell IoU | AP50 | F1 | ARE | VOI split | VOI merge | "
+            "wrongCells (share) | flags top-10 precision | train min | predict s |")
+    lines = [f"### {title}", "", head, "|" + " --- |" * 12]
+    for variant, res in results.items():
+        for r in res["rows"] + [{"stack": "**mean**", **res["mean"]}]:
+            wc = (f"{int(r['wrong_cells'])} ({r['wrong_cells_share']:.1%})" if "n_gt_cells" in r
+                  and r["stack"] != "**mean**" else f"{r['wrong_cells']:.1f} ({r['wrong_cells_share']:.1%})")
+            flag = r.get("flag_precision_top10", float("nan"))
+            lines.append(
+                f"| {variant} | {r['stack']} | {r['cell_iou']:.3f} | {r['ap50']:.3f} | "
+                f"{r['f1_50']:.3f} | {r['adapted_rand_error']:.3f} | {r['voi_split']:.3f} | "
+                f"{r['voi_merge']:.3f} | {wc} | {'' if np.isnan(flag) else f'{flag:.2f}'} | "
+                f"{res.get('train_minutes', 0):.1f} | {r['predict_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(results: Dict[str, Dict[str, Any]], title: str) -> None:
+    print(f"\n{title}: mean over the held-out stacks")
+    print(f"{'variant':20s}" + "".join(f"{c[:14]:>15s}" for c in COLUMNS) + f"{'train min':>11s}")
+    for variant, res in results.items():
+        m = res["mean"]
+        print(f"{variant:20s}" + "".join(f"{m[c]:15.3f}" for c in COLUMNS)
+              + f"{res.get('train_minutes', 0):11.1f}")
+
+
+def run_set(label: str, data: Dict[str, Any], variants: Sequence[str], minutes: float,
+            args, out: Path) -> Dict[str, Dict[str, Any]]:
+    results: Dict[str, Dict[str, Any]] = {}
+    for variant in variants:
+        cells_dir = out / "cells" / label / variant
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        print(f"\n== {label}: {variant}", flush=True)
+        if variant == "classical":
+            rows, params = classical_rows(data, cells_dir)
+            results[variant] = {"rows": rows, "mean": summarise(rows), "segment": params,
+                                "train_minutes": 0.0}
+        else:
+            model_path = out / "models" / f"{label}_{variant}.pt"
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            facts = train_variant(variant, data, model_path, minutes, args)
+            model, info = load_model_for_inference(model_path, "cpu")
+            segment, val_score = tune_segmentation(model, info, data["val"])
+            print(f"   tuned on validation: {segment} (AP50 - ARE = {val_score:.3f})", flush=True)
+            rows = score_model(model_path, data["tests"], segment, False, cells_dir)
+            results[variant] = {"rows": rows, "mean": summarise(rows), "segment": segment,
+                                "validation_objective": val_score, **facts}
+            if args.tta:
+                rows = score_model(model_path, data["tests"], segment, True, cells_dir)
+                results[variant + "+tta"] = {"rows": rows, "mean": summarise(rows),
+                                             "segment": segment, **facts}
+        print_summary({variant: results[variant]}, label)
+    return results
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmark_quality"))
-    ap.add_argument("--minutes", type=float, default=15.0, help="synthetic training budget")
-    ap.add_argument("--real-minutes", type=float, default=5.0, help="real-data training budget (0: skip)")
+    ap.add_argument("--variants", default="classical,thesis,default",
+                    help=f"comma-separated, or 'all' for the screening set ({','.join(SCREEN)}); "
+                         f"known: {','.join(VARIANTS)}")
+    ap.add_argument("--real-variants", default=None,
+                    help="variants for the real data (default: as --variants)")
+    ap.add_argument("--minutes", type=float, default=15.0, help="synthetic training budget per variant")
+    ap.add_argument("--real-minutes", type=float, default=5.0, help="real-data budget (0: skip)")
     ap.add_argument("--n-train", type=int, default=4)
-    ap.add_argument("--n-test", type=int, default=2, help="test stacks per difficulty")
+    ap.add_argument("--n-test", type=int, default=2, help="test stacks per level")
     ap.add_argument("--shape", type=_shape, default=(48, 192, 192))
-    ap.add_argument("--difficulties", type=lambda s: s.split(","), default=["medium", "hard"],
-                    help="difficulty levels of the test stacks")
-    ap.add_argument("--train-difficulties", type=lambda s: s.split(","),
-                    default=["medium", "hard"], help="levels the training stacks take in turn")
+    ap.add_argument("--levels", type=lambda s: s.split(","), default=list(TEST_LEVELS),
+                    help="test levels: " + ", ".join(TEST_LEVELS))
+    ap.add_argument("--train-difficulties", type=lambda s: s.split(","), default=["medium", "hard"],
+                    help="difficulty levels the training stacks take in turn")
     ap.add_argument("--train-seed", type=int, default=100)
     ap.add_argument("--test-seed", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--tta", action="store_true", help="also score every model with flip TTA")
+    ap.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
     args = ap.parse_args(argv)
+    variants = SCREEN if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"settings": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-                           for k, v in vars(args).items()}}
-    report["synthetic"] = synthetic_benchmark(args, args.out)
+    report: Dict[str, Any] = {"settings": {k: (list(v) if isinstance(v, tuple) else str(v)
+                                               if isinstance(v, Path) else v)
+                                           for k, v in vars(args).items()}}
+    md = [f"Command: `benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"]
+    synthetic = run_set("synthetic", make_data(args, args.out), variants, args.minutes, args, args.out)
+    report["synthetic"] = synthetic
+    md.append(markdown(synthetic, f"Held-out synthetic stacks ({args.minutes:g} min per variant)"))
+    print_summary(synthetic, "synthetic")
     if args.real_minutes > 0:
-        report["real"] = real_benchmark(args, args.out)
+        real = real_data(args.out)
+        if real is not None:
+            rv = variants if args.real_variants is None else args.real_variants.split(",")
+            report["real"] = run_set("real", real, rv, args.real_minutes, args, args.out)
+            md.append(markdown(report["real"], f"Real sample_patch.h5, test part ({args.real_minutes:g} min)"))
+            print_summary(report["real"], "real")
     (args.out / "quality.json").write_text(json.dumps(report, indent=2, default=float))
-    print(f"\nwrote {args.out / 'quality.json'}")
+    (args.out / "quality.md").write_text("\n".join(md))
+    print(f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality.md'}")
     return 0
 
 

@@ -49,7 +49,7 @@ import torch
 from core.errors import ConfigError, VolumeDataError
 
 Triple = Tuple[int, int, int]
-TARGETS = ("cells_with_gaps", "boundaries", "both")
+TARGETS = ("cells_with_gaps", "boundaries", "both", "all")
 
 
 def target_names(target: str) -> Tuple[str, ...]:
@@ -60,6 +60,8 @@ def target_names(target: str) -> Tuple[str, ...]:
         return ("boundaries",)
     if target == "both":
         return ("cells_with_gaps", "boundaries")
+    if target == "all":
+        return ("cells_with_gaps", "boundaries", "tissue")
     raise ConfigError(f"target = {target!r} is unknown: use one of {', '.join(TARGETS)}.")
 
 
@@ -185,6 +187,8 @@ def _make_target(name: str, labels: np.ndarray, tc: Any) -> np.ndarray:
 
     if name == "cells_with_gaps":
         return pp.cells_with_gaps_target(labels, connectivity=tc.connectivity, mode=tc.mode)
+    if name == "tissue":
+        return pp.tissue_target(labels)
     return pp.boundary_target(labels, connectivity=tc.boundary_connectivity,
                               mode=tc.boundary_mode, include_background=tc.boundary_background,
                               sigma=tc.boundary_sigma, blur=tc.boundary_blur)
@@ -257,7 +261,7 @@ def load_pair(
                               normalisation=normalisation or pp.NormalisationConfig(),
                               targets=targets)
     res = pp.preprocess_volume(raw, lab, cfg, progress=progress, cancel=cancel)
-    tgts = [getattr(res, n) for n in need]
+    tgts = [pp.tissue_target(res.labels) if n == "tissue" else getattr(res, n) for n in need]
     warnings = list(res.warnings)
     if voxel_size_um is not None and vs is None:
         warnings.append(f"{raw_spec}: the file records no voxel size; assumed to be the "
@@ -586,7 +590,7 @@ def validation_patches(volumes: Sequence[TrainVolume], patch_size: Sequence[int]
 
 
 # ------------------------------------------------------------------ augmentation
-AugmentLevel = Literal["off", "light", "default", "strong"]
+AugmentLevel = Literal["off", "flips", "light", "default", "strong"]
 
 #: Strength of each augmentation level. gamma: log-gamma range; contrast:
 #: factor range; noise: max std relative to the patch std; p_*: probabilities
@@ -594,6 +598,8 @@ AugmentLevel = Literal["off", "light", "default", "strong"]
 LEVELS: Dict[str, Dict[str, Any]] = {
     "off": dict(flip=False, rot90=False, p_gamma=0.0, gamma=0.0, p_contrast=0.0,
                 contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0),
+    "flips": dict(flip=True, rot90=False, p_gamma=0.0, gamma=0.0, p_contrast=0.0,
+                  contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0),
     "light": dict(flip=True, rot90=True, p_gamma=0.3, gamma=0.15, p_contrast=0.3,
                   contrast=(0.85, 1.15), p_noise=0.2, noise=0.05, p_elastic=0.0, elastic=2.0),
     "default": dict(flip=True, rot90=True, p_gamma=0.5, gamma=0.3, p_contrast=0.5,
@@ -608,8 +614,9 @@ class AugmentConfig:
     """Augmentation strength (see :data:`LEVELS`); ``elastic`` overrides the level's choice."""
 
     level: AugmentLevel = field(default="default", metadata={
-        "help": "off, light, default or strong: flips on 3 axes, 90-degree XY rotations, "
-                "gamma, contrast and noise (strong also elastic deformation)."})
+        "help": "off; flips (random flips on 3 axes only, the thesis' choice); light, default "
+                "or strong: flips, 90-degree XY rotations, gamma, contrast and noise (strong "
+                "also elastic deformation)."})
     elastic: Optional[bool] = field(default=None, metadata={
         "help": "Elastic deformation (torchio, CPU, slow); null = as the level says."})
 

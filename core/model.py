@@ -38,6 +38,7 @@ TARGET_CHANNELS: Dict[str, Tuple[str, ...]] = {
     "cells_with_gaps": ("cell",),
     "boundaries": ("boundary",),
     "both": ("cell", "boundary"),
+    "all": ("cell", "boundary", "tissue"),
 }
 NORMS = ("group", "batch", "instance", "none")
 UPSAMPLINGS = ("transposed", "trilinear")
@@ -47,7 +48,7 @@ def target_channels(target: str) -> Tuple[str, ...]:
     """Names of the output channels for a training target, in channel order.
 
     ``"cells_with_gaps"`` -> ("cell",), ``"boundaries"`` -> ("boundary",),
-    ``"both"`` -> ("cell", "boundary").
+    ``"both"`` -> ("cell", "boundary"), ``"all"`` -> ("cell", "boundary", "tissue").
     """
     try:
         return TARGET_CHANNELS[target]
@@ -58,7 +59,7 @@ def target_channels(target: str) -> Tuple[str, ...]:
 
 
 def out_channels_for_target(target: str) -> int:
-    """Number of output channels the network needs for ``target`` (1 or 2)."""
+    """Number of output channels the network needs for ``target`` (1 to 3)."""
     return len(target_channels(target))
 
 
@@ -101,10 +102,11 @@ class ModelConfig:
     """
 
     in_channels: int = field(default=1, metadata={"min": 1, "help": "Image channels (1 for a membrane stain)."})
-    target: Literal["cells_with_gaps", "boundaries", "both"] = field(
+    target: Literal["cells_with_gaps", "boundaries", "both", "all"] = field(
         default="cells_with_gaps",
         metadata={"help": "What the network predicts: cells with gaps (1 channel), "
-                          "boundaries (1 channel) or both (2 channels: cell, boundary)."},
+                          "boundaries (1 channel), both (2 channels: cell, boundary) or "
+                          "all (3 channels: cell, boundary, tissue)."},
     )
     out_channels: Optional[int] = field(
         default=None, metadata={"help": "Output channels; leave empty to follow the target."}

@@ -42,6 +42,8 @@ class PredictConfig:
         "help": "File format of the label stacks: tif (Fiji), mat (MATLAB), h5 (HDF5)."})
     save_probabilities: bool = field(default=False, metadata={
         "help": "Also write the network's probability maps (0..255 = 0..1)."})
+    flags: bool = field(default=True, metadata={
+        "help": "Rank the cells most likely to be wrong (STEM_cells_flags.csv; core.flags)."})
     tta: bool = field(default=False, metadata={
         "help": "Test-time augmentation: average predictions over flips (slower, smoother)."})
     tile_shape: Optional[Tuple[int, int, int]] = field(default=None, metadata={
@@ -67,6 +69,7 @@ class StackResult:
     n_cells: int
     seconds: Dict[str, float]
     outputs: List[Path] = field(default_factory=list)
+    flags: Optional[List[Dict[str, Any]]] = None  # core.flags.cell_flags rows, or None
 
 
 class NormalisedView:
@@ -231,27 +234,36 @@ def segment_stack(
     cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
     boundary_prob = channel.get("boundary", channel.get("boundaries"))
     labels = cells_from_probabilities(
-        cell_prob, boundary_prob, voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
+        cell_prob, boundary_prob, tissue_prob=channel.get("tissue"), voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
         params=config.segment, progress=progress, cancel=cancel,
     )
     times["cells"] = time.monotonic() - t2
+    flags = None
+    if config.flags:
+        from core.flags import cell_flags
+
+        t3 = time.monotonic()
+        flags = cell_flags(labels, boundary_prob, cell_prob,
+                           voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0))
+        times["flags"] = time.monotonic() - t3
     n_cells = int(labels.max()) if labels.size else 0
     rep.message(f"{name}: {n_cells} cells")
     return StackResult(
         labels=Volume(labels, recorded_voxel_size or config.input_voxel_size_um,
                       f"{name}_cells", source=source),
         probabilities=store if config.save_probabilities else None,
-        channels=tuple(info.channels), n_cells=n_cells, seconds=times,
+        channels=tuple(info.channels), n_cells=n_cells, seconds=times, flags=flags,
     )
 
 
 def output_paths(stem: str, out_dir: Path, fmt: str, channels: Sequence[str],
                  probabilities: bool) -> Dict[str, Path]:
-    """Where the results of input ``stem`` go: ``STEM_cells.<ext>`` (+ probabilities)."""
+    """Where the results of input ``stem`` go: ``STEM_cells.<ext>``, the ranked
+    flags ``STEM_cells_flags.csv`` (+ probabilities)."""
     if fmt not in FORMATS:
         raise ConfigError(f"Output format {fmt!r} is not one of {', '.join(FORMATS)}.")
     ext = FORMATS[fmt]
-    paths = {"cells": out_dir / f"{stem}_cells{ext}"}
+    paths = {"cells": out_dir / f"{stem}_cells{ext}", "flags": out_dir / f"{stem}_cells_flags.csv"}
     if probabilities:
         for name in channels:
             paths[f"prob_{name}"] = out_dir / f"{stem}_{name}_probability{ext}"
@@ -259,13 +271,17 @@ def output_paths(stem: str, out_dir: Path, fmt: str, channels: Sequence[str],
 
 
 def write_stack_result(result: StackResult, stem: str, out_dir: Path, fmt: str) -> List[Path]:
-    """Write the label stack (and probabilities if kept) atomically; returns the paths."""
+    """Write the label stack, its flags and the probabilities if kept (each
+    atomically); returns the paths."""
+    from core.flags import write_flags_csv
     from core.io import write_volume
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(stem, out_dir, fmt, result.channels, result.probabilities is not None)
     written = [write_volume(paths["cells"], result.labels, labels=True,
                             mat_variable="labels" if fmt == "mat" else None)]
+    if result.flags is not None:
+        written.append(write_flags_csv(paths["flags"], result.flags))
     if result.probabilities is not None:
         for i, name in enumerate(result.channels):
             vol = Volume(np.asarray(result.probabilities[i]), result.labels.voxel_size,

@@ -396,6 +396,15 @@ def cells_with_gaps_target(labels: np.ndarray, *, connectivity: int = 3,
     return target.view(np.uint8)
 
 
+def tissue_target(labels: np.ndarray) -> np.ndarray:
+    """Binary target "inside any cell" (labels > 0), uint8 ZYX {0, 1}.
+
+    The cells-with-gaps target leaves the gaps between cells as background, so
+    its mask misses the cell outlines; this one gives the tissue's exact extent.
+    """
+    return (labels != 0).view(np.uint8)
+
+
 def boundary_target(labels: np.ndarray, *, connectivity: int = 2, mode: str = "thick",
                     include_background: bool = True, sigma: float = 0.0,
                     blur: str = "soft") -> np.ndarray:

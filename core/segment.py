@@ -9,9 +9,9 @@ Cells are recovered in three steps:
    (``cell_prob > seed_threshold``, or ``boundary_prob < seed_threshold`` for
    boundary-only models), optionally eroded to break thin bridges, with tiny
    seeds dropped. The gaps of the target keep neighbouring seeds apart.
-2. **Tissue mask**: the cell voxels closed with a small ball so the thin gaps
-   between cells belong to the tissue again, while the lumen and the outside
-   stay background (0).
+2. **Tissue mask**: the network's tissue channel where it has one (target
+   ``all``); otherwise the cell voxels with the thin gaps between cells closed
+   again, while the lumen and the outside stay background (0).
 3. **Watershed** of the boundary probability (or ``1 - cell_prob``) from the
    seeds inside the mask, run slab by slab along Z with a halo. Seeds carry
    global ids, so slabs stitch without seams and memory stays bounded by the
@@ -39,7 +39,10 @@ from core.volume import label_dtype
 class SegmentParams:
     """Parameters of :func:`cells_from_probabilities` (voxel sizes in micrometres).
 
-    cell_threshold: cell probability above which a voxel is tissue (mask).
+    cell_threshold: cell probability above which a voxel is tissue (mask),
+        for models without a tissue channel.
+    tissue_threshold: tissue probability above which a voxel is tissue, for
+        models with a tissue channel (target ``all``).
     seed_threshold: cell probability above which a voxel can seed a cell
         (for boundary-only models: boundary probability *below* which).
     seed_max_boundary: with a boundary channel, seeds also need a boundary
@@ -55,6 +58,7 @@ class SegmentParams:
     """
 
     cell_threshold: float = 0.5
+    tissue_threshold: float = 0.5
     seed_threshold: float = 0.7
     seed_max_boundary: float = 0.3
     seed_erosion_um: float = 0.6
@@ -64,7 +68,7 @@ class SegmentParams:
     slab_z: int = 64
 
     def validate(self) -> None:
-        for key in ("cell_threshold", "seed_threshold", "seed_max_boundary"):
+        for key in ("cell_threshold", "tissue_threshold", "seed_threshold", "seed_max_boundary"):
             value = getattr(self, key)
             if not 0.0 < value < 1.0:
                 raise ConfigError(
@@ -187,7 +191,7 @@ def find_seeds(
     mask = interior
     footprint = ball_um(erosion_um, voxel_size)
     if footprint is not None:
-        mask = ndi.binary_erosion(mask, structure=footprint)
+        mask = ndi.binary_erosion(mask, structure=footprint, border_value=1)
     seeds, n = _label_compact(mask)
     if n and min_size_um3 > 0:
         voxel_um3 = float(np.prod(voxel_size))
@@ -221,6 +225,7 @@ def cells_from_probabilities(
     cell_prob: Optional[np.ndarray] = None,
     boundary_prob: Optional[np.ndarray] = None,
     *,
+    tissue_prob: Optional[np.ndarray] = None,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     params: Optional[SegmentParams] = None,
     progress: ProgressFn = None,
@@ -232,6 +237,8 @@ def cells_from_probabilities(
     ----------
     cell_prob : probability of "inside a cell" (cells-with-gaps target), or None.
     boundary_prob : probability of "on a cell boundary", or None.
+    tissue_prob : probability of "inside any cell" (no gaps), or None; when
+        given it is the tissue mask, otherwise the mask comes from cell_prob.
     voxel_size : (z, y, x) in micrometres, used for every size and radius.
     params : :class:`SegmentParams`; defaults when None.
 
@@ -245,27 +252,34 @@ def cells_from_probabilities(
         raise VolumeDataError("cells_from_probabilities needs cell_prob, boundary_prob or both.")
     cp = _Prob(cell_prob, "cell_prob") if cell_prob is not None else None
     bp = _Prob(boundary_prob, "boundary_prob") if boundary_prob is not None else None
-    if cp is not None and bp is not None and cp.a.shape != bp.a.shape:
+    tp = _Prob(tissue_prob, "tissue_prob") if tissue_prob is not None else None
+    shapes = {name: p.a.shape for name, p in (("cell_prob", cp), ("boundary_prob", bp),
+                                                 ("tissue_prob", tp)) if p is not None}
+    if len(set(shapes.values())) > 1:
         raise VolumeDataError(
-            f"cell_prob {cp.a.shape} and boundary_prob {bp.a.shape} must have the same shape."
-        )
+            "The probability maps must have the same shape: "
+            + ", ".join(f"{k} {v}" for k, v in shapes.items()) + ".")
     shape = (cp if cp is not None else bp).a.shape
     n_slabs = len(list(_slabs(shape[0], shape[1] * shape[2], params.slab_z, 0)))
     rep = ProgressReporter(progress, "cells", total=1 + n_slabs)
 
     # 1. tissue mask and seeds
     if cp is not None:
-        tissue = cp.above(params.cell_threshold)
         interior = cp.above(params.seed_threshold)
         if bp is not None:
             interior &= bp.below(params.seed_max_boundary)
-        tissue = close_gaps(tissue, params.gap_closing_vox)
+    else:
+        interior = bp.below(params.seed_threshold)
+    if tp is not None:
+        tissue = tp.above(params.tissue_threshold)
+    elif cp is not None:
+        tissue = close_gaps(cp.above(params.cell_threshold), params.gap_closing_vox)
     else:
         tissue = None
-        interior = bp.below(params.seed_threshold)
     footprint = ball_um(params.seed_erosion_um, voxel_size)
     if footprint is not None:  # erode here so the un-eroded mask is freed before labelling
-        interior = ndi.binary_erosion(interior, structure=footprint)
+        # border_value=1: cells cut by the stack's faces keep their seeds
+        interior = ndi.binary_erosion(interior, structure=footprint, border_value=1)
     seeds, n_seeds = find_seeds(interior, voxel_size=voxel_size,
                                 min_size_um3=params.min_seed_size_um3)
     del interior

@@ -196,8 +196,9 @@ class TrainConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
-    target: Optional[Literal["cells_with_gaps", "boundaries", "both"]] = field(default=None, metadata={
-        "help": "What the network predicts: cells_with_gaps, boundaries or both "
+    target: Optional[Literal["cells_with_gaps", "boundaries", "both", "all"]] = field(default=None, metadata={
+        "help": "What the network predicts: cells_with_gaps, boundaries, both, or all "
+                "(both + the tissue mask, which gives exact cell outlines at the tissue surface) "
                 f"(empty = {DEFAULT_TARGET}, or the --init model's)."})
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -620,8 +621,8 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         model_cfg = preset_config(ms.preset, target=target,
                                   voxel_size_um=voxel_size if ms.anisotropic else None, **over)
         model = build_model(model_cfg)
-    if tuple(model_cfg.channel_names) != tuple("cell" if n == "cells_with_gaps" else "boundary"
-                                               for n in target_names(target)):
+    channel_of = {"cells_with_gaps": "cell", "boundaries": "boundary", "tissue": "tissue"}
+    if tuple(model_cfg.channel_names) != tuple(channel_of[n] for n in target_names(target)):
         raise ConfigError(f"The model's outputs {model_cfg.channel_names} do not match the "
                           f"target '{target}'.")
     model.to(device)
@@ -759,7 +760,7 @@ class _Context:
                                              amp=self.use_amp, out_dtype=np.float32)
                 ch = {n: prob[i] for i, n in enumerate(names)}
                 cells = cells_from_probabilities(
-                    ch.get("cell"), ch.get("boundary"),
+                    ch.get("cell"), ch.get("boundary"), tissue_prob=ch.get("tissue"),
                     voxel_size=self.voxel_size or (1.0, 1.0, 1.0),
                     params=self.cfg.validation.segment)
                 per.append(evaluate(vol.labels, cells).to_dict())

@@ -30,6 +30,8 @@ def register(sub) -> None:
                    help="label stack format (default tif)")
     p.add_argument("--save-probabilities", action="store_true", default=None,
                    help="also write the probability maps (0..255)")
+    p.add_argument("--no-flags", dest="flags", action="store_false", default=None,
+                   help="do not write STEM_cells_flags.csv (the cells most likely wrong, ranked)")
     p.add_argument("--tta", action="store_true", default=None,
                    help="average over flips (test-time augmentation)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the network")
@@ -55,6 +57,7 @@ def build_config(args):
         "format": args.format,
         "save_probabilities": args.save_probabilities,
         "tta": args.tta,
+        "flags": args.flags,
         "device": args.device,
         "tile_shape": args.tile_shape,
         "batch_size": args.batch_size,

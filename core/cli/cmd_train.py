@@ -51,15 +51,16 @@ def register(sub) -> None:
                    help="fine-tune this model (its architecture, target and normalisation)")
     p.add_argument("--preset", choices=["small", "standard"],
                    help="network size: small (fast on CPUs, default) or standard")
-    p.add_argument("--target", choices=["cells_with_gaps", "boundaries", "both"],
-                   help="what the network predicts (default both: cells with gaps + boundaries)")
+    p.add_argument("--target", choices=["cells_with_gaps", "boundaries", "both", "all"],
+                   help="what the network predicts: cells with gaps, boundaries, both, or all "
+                        "(both + tissue mask); default: see resources/configs/train.yaml")
     p.add_argument("--loss", choices=["dice", "bce", "weighted_bce", "bce_dice"],
                    help="training loss (default bce_dice)")
     p.add_argument("--patch-size", type=voxels, metavar="Z,Y,X",
                    help="patch size in voxels (default: chosen from memory and model)")
     p.add_argument("--batch-size", type=int, metavar="N", help="patches per batch (default 2)")
     p.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (default 0.005)")
-    p.add_argument("--augment", choices=["off", "light", "default", "strong"],
+    p.add_argument("--augment", choices=["off", "flips", "light", "default", "strong"],
                    help="augmentation strength (default: default)")
     p.add_argument("--voxel-size", type=voxel_size, metavar="Z,Y,X",
                    help="training voxel size in um; stacks are resampled to it "

@@ -194,3 +194,19 @@ def test_split_and_validation_patches_are_disjoint_and_reproducible():
     assert all(torch.equal(x.image, y.image) for x, y in zip(a, b))
     clipped = validation_patches([va], (8, 32, 32), divisor=(4, 4, 4), per_volume=1)
     assert tuple(clipped[0].image.shape[2:]) == (8, 16, 32)
+
+
+def test_target_all_adds_the_exact_tissue_mask(tmp_path):
+    """Target 'all': cells with gaps, boundaries and the tissue (every labelled voxel)."""
+    from core.io import write_volume
+
+    labels = np.zeros((8, 24, 24), np.uint16)
+    labels[:, 2:12, 2:12], labels[:, 2:12, 12:22] = 1, 2
+    raw = (100 + 50 * np.random.default_rng(0).random(labels.shape)).astype(np.uint16)
+    write_volume(tmp_path / "raw.tif", Volume(raw, (1.0, 0.5, 0.5)))
+    write_volume(tmp_path / "lab.tif", Volume(labels, (1.0, 0.5, 0.5)), labels=True)
+    vol = load_pair(str(tmp_path / "raw.tif"), str(tmp_path / "lab.tif"), target="all")
+    assert vol.targets.shape == (3, 8, 24, 24)
+    np.testing.assert_array_equal(vol.targets[2], labels > 0)
+    assert vol.targets[0, 4, 5, 11] == 0 and vol.targets[2, 4, 5, 11] == 1  # gap is tissue
+    assert vol.targets[2, 4, 20, 5] == 0  # outside the cells

@@ -140,3 +140,37 @@ def test_small_memory_blocks_give_the_same_cells(monkeypatch):
     assert np.array_equal(seg.close_gaps(tissue, 2), closed_whole)
     blocks = cells_from_probabilities(cp, bp)
     assert (whole == blocks).mean() > 0.999
+
+
+def test_a_tissue_channel_gives_the_exact_outline_of_the_tissue():
+    """With a tissue probability the cells fill exactly the tissue, gaps and surface included."""
+    gt = voronoi_tissue()
+    cp, bp = probabilities_from(gt)
+    # a network that sees cell interiors poorly near the tissue surface
+    cp[2:4] *= 0.3
+    cp[-4:-2] *= 0.3
+    tissue = ndi.gaussian_filter((gt > 0).astype(np.float32), 0.5)
+    with_tissue = cells_from_probabilities(cp, bp, tissue_prob=tissue, voxel_size=(1, 1, 1))
+    without = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1))
+    np.testing.assert_array_equal(with_tissue > 0, gt > 0)
+    assert np.count_nonzero((without > 0) != (gt > 0)) > 0
+    assert n_cells(with_tissue) == n_cells(gt)
+
+
+def test_cells_cut_by_the_stack_border_keep_their_seeds():
+    """Seed erosion treats the outside of the stack as cell, so edge fragments survive."""
+    gt = np.zeros((12, 40, 40), np.int32)
+    gt[:, :, :5] = 1  # a sliver of a cell cut by the X face (1.5 um)
+    gt[:, :, 5:] = 2
+    cp, bp = probabilities_from(gt)
+    pred = cells_from_probabilities(cp, bp, voxel_size=(1.0, 0.3, 0.3),
+                                    params=SegmentParams(seed_erosion_um=0.6,
+                                                         min_seed_size_um3=1,
+                                                         min_cell_size_um3=1))
+    assert n_cells(pred) == 2
+
+
+def test_tissue_probability_of_another_shape_is_refused():
+    cp = np.zeros((4, 8, 8), np.float32)
+    with pytest.raises(VolumeDataError, match="tissue_prob"):
+        cells_from_probabilities(cp, cp, tissue_prob=np.zeros((4, 8, 9), np.float32))
