@@ -24,10 +24,11 @@ and ids are made consecutive: background 0, cells 1..n.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Literal, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from core.errors import ConfigError, VolumeDataError
@@ -48,6 +49,12 @@ class SegmentParams:
     seed_max_boundary: with a boundary channel, seeds also need a boundary
         probability below this.
     seed_erosion_um: erode seeds by this radius first to cut thin bridges (0: off).
+    seed_method: ``interior``: one seed per connected piece of the (eroded)
+        confident interior; ``distance``: pieces of the interior are also cut
+        between the maxima of their distance map (splits cells joined by a
+        neck; no erosion).
+    seed_h_um: ``distance`` seeds: how far (um) a maximum must rise above its
+        surroundings.
     gap_closing_vox: radius in voxels of the closing that puts the gaps between
         cells back into the tissue mask (the gap target is drawn in voxels, so
         this is in voxels too; 2 fills the 2-voxel gaps of mode='outer').
@@ -63,6 +70,8 @@ class SegmentParams:
     seed_max_boundary: float = 0.3
     seed_erosion_um: float = 0.6
     gap_closing_vox: int = 2
+    seed_method: Literal["interior", "distance"] = "interior"
+    seed_h_um: float = 0.45
     min_seed_size_um3: float = 5.0
     min_cell_size_um3: float = 20.0
     slab_z: int = 64
@@ -74,7 +83,10 @@ class SegmentParams:
                 raise ConfigError(
                     f"segment.{key} = {value}: must be a probability strictly between 0 and 1."
                 )
-        for key in ("seed_erosion_um", "gap_closing_vox", "min_seed_size_um3", "min_cell_size_um3"):
+        if self.seed_method not in ("interior", "distance"):
+            raise ConfigError(f"segment.seed_method = {self.seed_method!r}: use interior or distance.")
+        for key in ("seed_erosion_um", "seed_h_um", "gap_closing_vox", "min_seed_size_um3",
+                    "min_cell_size_um3"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"segment.{key} = {getattr(self, key)}: must be >= 0.")
         if self.slab_z < 1:
@@ -206,6 +218,51 @@ def find_seeds(
     return seeds, int(n)
 
 
+def split_by_distance(interior: np.ndarray, voxel_size: Sequence[float], h_um: float, *,
+                      smoothing_vox: float = 1.0,
+                      cancel: CancelFlag = None) -> Tuple[np.ndarray, int]:
+    """Seeds: pieces of a boolean ZYX ``interior``, split where they narrow into a neck.
+
+    Each connected piece is handled in its own bounding box: the distance (um)
+    of its voxels to the nearest voxel outside it is smoothed
+    (``smoothing_vox``) and its maxima that rise at least ``h_um`` above their
+    surroundings (h-maxima) are found; a piece with two or more such maxima is
+    cut between them by a watershed of the distance. So two cells joined by a
+    thick bridge get two seeds, and every seed still fills its cell's interior
+    (which keeps the slab-wise watershed exact). Returns (seeds 1..n, n).
+    """
+    vs = tuple(float(v) for v in voxel_size)
+    pieces, n = _label_compact(interior)
+    out = np.zeros(interior.shape, dtype=np.uint16 if 4 * n < 65535 else np.uint32)
+    next_id = 1
+    for i, sl in enumerate(ndi.find_objects(pieces), start=1):
+        if sl is None:
+            continue
+        mask = pieces[sl] == i
+        dist = ndi.distance_transform_edt(mask, sampling=vs).astype(np.float32)
+        if smoothing_vox > 0:
+            dist = ndi.gaussian_filter(dist, smoothing_vox)
+        peaks, k = ndi.label(h_maxima(dist, float(h_um)).astype(bool) & mask,
+                             structure=np.ones((3, 3, 3), bool))
+        view = out[sl]
+        if k <= 1:
+            view[mask] = next_id
+            next_id += 1
+        else:
+            parts = watershed(-dist, markers=peaks, mask=mask)
+            if next_id + k > np.iinfo(out.dtype).max:
+                out = out.astype(np.uint32)
+                view = out[sl]
+            view[mask] = parts[mask] + (next_id - 1)
+            next_id += k
+        if i % 256 == 0:
+            check_cancelled(cancel, "Cell segmentation")
+    n_seeds = next_id - 1
+    if n_seeds < 65536 and out.dtype != np.uint16:
+        out = out.astype(np.uint16)
+    return out, n_seeds
+
+
 def _label_compact(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     """Connected components (26-connectivity) as uint16 when the count allows it.
 
@@ -276,12 +333,15 @@ def cells_from_probabilities(
         tissue = close_gaps(cp.above(params.cell_threshold), params.gap_closing_vox)
     else:
         tissue = None
-    footprint = ball_um(params.seed_erosion_um, voxel_size)
-    if footprint is not None:  # erode here so the un-eroded mask is freed before labelling
-        # border_value=1: cells cut by the stack's faces keep their seeds
-        interior = ndi.binary_erosion(interior, structure=footprint, border_value=1)
-    seeds, n_seeds = find_seeds(interior, voxel_size=voxel_size,
-                                min_size_um3=params.min_seed_size_um3)
+    if params.seed_method == "distance":
+        seeds, n_seeds = split_by_distance(interior, voxel_size, params.seed_h_um, cancel=cancel)
+    else:
+        footprint = ball_um(params.seed_erosion_um, voxel_size)
+        if footprint is not None:  # erode here so the un-eroded mask is freed before labelling
+            # border_value=1: cells cut by the stack's faces keep their seeds
+            interior = ndi.binary_erosion(interior, structure=footprint, border_value=1)
+        seeds, n_seeds = find_seeds(interior, voxel_size=voxel_size,
+                                    min_size_um3=params.min_seed_size_um3)
     del interior
     rep.update(1, message=f"{n_seeds} seeds")
     check_cancelled(cancel, "Cell segmentation")

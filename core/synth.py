@@ -119,7 +119,7 @@ class SynthParams:
     tube_outer_radius_um: Optional[float] = None
     tube_inner_radius_um: Optional[float] = None
     cell_diameter_um: Optional[float] = None
-    cells_around: float = 16.0
+    cells_around: float = 11.0
     scutoid_strength: float = 0.3
     geometric_scutoids: float = 1.0
     membrane_wiggle: float = 0.12

@@ -174,3 +174,36 @@ def test_tissue_probability_of_another_shape_is_refused():
     cp = np.zeros((4, 8, 8), np.float32)
     with pytest.raises(VolumeDataError, match="tissue_prob"):
         cells_from_probabilities(cp, cp, tissue_prob=np.zeros((4, 8, 9), np.float32))
+
+
+def test_distance_seeds_split_cells_joined_by_a_thick_neck():
+    """Two balls joined by a neck the network saw as interior: distance seeds split them."""
+    shape = (24, 48, 80)
+    zz, yy, xx = np.indices(shape)
+    a = (zz - 12) ** 2 + (yy - 24) ** 2 + (xx - 20) ** 2 <= 11 ** 2
+    b = (zz - 12) ** 2 + (yy - 24) ** 2 + (xx - 60) ** 2 <= 11 ** 2
+    neck = (abs(zz - 12) <= 3) & (abs(yy - 24) <= 3) & (xx > 20) & (xx < 60)
+    cell = (a | b | neck).astype(np.float32)
+    boundary = np.zeros(shape, np.float32)
+    common = dict(voxel_size=(1, 1, 1), tissue_prob=cell)
+    interior = cells_from_probabilities(cell, boundary, **common,
+                                        params=SegmentParams(seed_erosion_um=0))
+    distance = cells_from_probabilities(cell, boundary, **common,
+                                        params=SegmentParams(seed_method="distance", seed_h_um=1.0))
+    assert n_cells(interior) == 1
+    assert n_cells(distance) == 2
+    assert len({distance[12, 24, 20], distance[12, 24, 60]}) == 2
+
+
+def test_distance_seeds_in_slabs_equal_one_block(monkeypatch):
+    """A stack much taller than the slabs: the same cells (ties may move a few voxels)."""
+    gt = voronoi_tissue(shape=(72, 32, 32), n=24, seed=2)
+    cp, bp = probabilities_from(gt)
+    params = SegmentParams(seed_method="distance", seed_h_um=0.5)
+    whole = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params)
+    assert n_cells(whole) >= 20
+    import core.segment
+    monkeypatch.setattr(core.segment, "SLAB_VOXELS", 32 * 32 * 6)
+    slabs = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params)
+    assert n_cells(slabs) == n_cells(whole)
+    assert np.count_nonzero(slabs != whole) < 1e-3 * whole.size

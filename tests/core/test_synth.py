@@ -166,7 +166,7 @@ def test_cells_change_neighbours_between_apical_and_basal_side():
         touching = {p for p, n in (apical + basal).items() if n >= enough}
         return len(one_side), len(touching)
 
-    base = SynthParams(shape=(40, 112, 112), voxel_size_um=(0.6, 0.3, 0.3))
+    base = SynthParams(shape=(40, 112, 112), voxel_size_um=(0.6, 0.3, 0.3), cells_around=16.0)
     scutoids, pairs = pairs_on_one_side_only(replace(base, scutoid_strength=0.5))
     prisms, prism_pairs = pairs_on_one_side_only(replace(
         base, scutoid_strength=0.0, geometric_scutoids=0.0, membrane_wiggle=0.0))
