@@ -7,6 +7,7 @@ accuracy (benchmarks/quality.py measures that).
 
 from __future__ import annotations
 
+import csv
 import json
 
 import h5py
@@ -59,6 +60,22 @@ def test_predict_writes_cells_named_after_the_input_in_each_format(run, fmt, cap
         with h5py.File(cells, "r") as f:
             assert "element_size_um" in f[list(f.keys())[0]].attrs
     assert "cells" in capsys.readouterr().out
+    # the cells to check first, ranked, one row per cell of the label stack
+    with open(out / "synth_002_raw_cells_flags.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(int(r["cell_id"]) for r in rows) == list(range(1, len(ids)))
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_no_flags_writes_no_flag_file(run):
+    d, raw, lab = run
+    out = d / "out_noflags"
+    assert main(["predict", "--model", str(d / "model.pt"), "--out", str(out), "--no-flags",
+                 "--quiet", str(raw[2])]) == 0
+    assert (out / "synth_002_raw_cells.tif").exists()
+    assert not (out / "synth_002_raw_cells_flags.csv").exists()
 
 
 def test_evaluate_scores_the_prediction_against_ground_truth(run):
