@@ -148,10 +148,11 @@ def make_data(args, out: Path) -> Dict[str, Any]:
     for i in range(args.n_train + 1):  # difficulty levels take turns
         level = args.train_difficulties[i % len(args.train_difficulties)]
         train_pairs += _synth(data / "train", f"train{i}_{level}", args.train_seed + i,
-                              SynthParams.for_difficulty(level), args.shape)
+                              SynthParams.for_difficulty(level, cells_around=args.cells_around),
+                              args.shape)
     tests = []
     for k, level in enumerate(args.levels):
-        over = dict(TEST_LEVELS[level])
+        over = {"cells_around": args.cells_around, **TEST_LEVELS[level]}
         params = SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
         for j in range(args.n_test):
             (r, l), = _synth(data / "test", f"test_{level}_{j}", args.test_seed + 10 * k + j,
@@ -332,7 +333,7 @@ def run_set(label: str, data: Dict[str, Any], variants: Sequence[str], minutes: 
             rows = score_model(model_path, data["tests"], segment, False, cells_dir)
             results[variant] = {"rows": rows, "mean": summarise(rows), "segment": segment,
                                 "validation_objective": val_score, **facts}
-            if args.tta:
+            if variant in args.tta:
                 rows = score_model(model_path, data["tests"], segment, True, cells_dir)
                 results[variant + "+tta"] = {"rows": rows, "mean": summarise(rows),
                                              "segment": segment, **facts}
@@ -348,11 +349,15 @@ def main(argv=None) -> int:
                          f"known: {','.join(VARIANTS)}")
     ap.add_argument("--real-variants", default=None,
                     help="variants for the real data (default: as --variants)")
-    ap.add_argument("--minutes", type=float, default=15.0, help="synthetic training budget per variant")
+    ap.add_argument("--minutes", type=float, default=15.0,
+                    help="synthetic training budget per variant (0: skip the synthetic set)")
     ap.add_argument("--real-minutes", type=float, default=5.0, help="real-data budget (0: skip)")
     ap.add_argument("--n-train", type=int, default=4)
     ap.add_argument("--n-test", type=int, default=2, help="test stacks per level")
     ap.add_argument("--shape", type=_shape, default=(64, 256, 256))
+    ap.add_argument("--cells-around", type=float, default=11.0,
+                    help="cells around the tube in the training stacks and the medium and hard "
+                         "test levels (the shifted level has its own)")
     ap.add_argument("--levels", type=lambda s: s.split(","), default=list(TEST_LEVELS),
                     help="test levels: " + ", ".join(TEST_LEVELS))
     ap.add_argument("--train-difficulties", type=lambda s: s.split(","), default=["medium", "hard"],
@@ -360,7 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-seed", type=int, default=100)
     ap.add_argument("--test-seed", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--tta", action="store_true", help="also score every model with flip TTA")
+    ap.add_argument("--tta", type=lambda s: s.split(","), default=[],
+                    help="variants also scored with flip test-time augmentation (comma-separated)")
     ap.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
     args = ap.parse_args(argv)
     variants = SCREEN if args.variants == "all" else args.variants.split(",")
@@ -372,10 +378,12 @@ def main(argv=None) -> int:
                                                if isinstance(v, Path) else v)
                                            for k, v in vars(args).items()}}
     md = [f"Command: `benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"]
-    synthetic = run_set("synthetic", make_data(args, args.out), variants, args.minutes, args, args.out)
-    report["synthetic"] = synthetic
-    md.append(markdown(synthetic, f"Held-out synthetic stacks ({args.minutes:g} min per variant)"))
-    print_summary(synthetic, "synthetic")
+    if args.minutes > 0:
+        synthetic = run_set("synthetic", make_data(args, args.out), variants, args.minutes,
+                            args, args.out)
+        report["synthetic"] = synthetic
+        md.append(markdown(synthetic, f"Held-out synthetic stacks ({args.minutes:g} min per variant)"))
+        print_summary(synthetic, "synthetic")
     if args.real_minutes > 0:
         real = real_data(args.out)
         if real is not None:

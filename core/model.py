@@ -82,7 +82,8 @@ class ModelConfig:
 
     in_channels: image channels (1 for a membrane stain).
     target: training target, decides the output channels
-        ("cells_with_gaps": 1, "boundaries": 1, "both": 2 = cell, boundary).
+        ("cells_with_gaps": 1, "boundaries": 1, "both": 2 = cell, boundary,
+        "all": 3 = cell, boundary, tissue).
     out_channels: None = follow ``target``; if given it must agree with it.
     base_features: feature maps at the first level (doubled at each level down).
     max_features: cap on the feature maps of deep levels (None: no cap).

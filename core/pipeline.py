@@ -298,3 +298,67 @@ def input_stem(spec: str) -> str:
 
     path, _ = split_spec(spec)
     return Path(path).stem
+
+
+@dataclass
+class FileResult:
+    """One input of :func:`predict_files`: what was written, or why it failed."""
+
+    spec: str
+    outputs: List[Path] = field(default_factory=list)
+    n_cells: int = 0
+    seconds: Dict[str, float] = field(default_factory=dict)
+    flags: Optional[List[Dict[str, Any]]] = None
+    error: str = ""
+
+
+def predict_files(
+    model_path: str,
+    inputs: Sequence[str],
+    out_dir: Path,
+    config: Optional[PredictConfig] = None,
+    *,
+    channel: Optional[int] = None,
+    progress: ProgressFn = None,
+    cancel: CancelFlag = None,
+) -> List[FileResult]:
+    """Segment every input stack with one model and write the results into ``out_dir``.
+
+    inputs: file specs (``stack.tif``, ``file.h5:raw``, ``file.mat:I``). Each is
+    read, segmented (:func:`segment_stack`) and written (:func:`write_stack_result`)
+    before the next is read, so memory holds one stack at a time. A user error
+    on one input (unreadable file, wrong shape) is recorded in its
+    :class:`FileResult` and the others go on; with a single input it is raised.
+    """
+    from core.checkpoint import load_model_for_inference
+    from core.errors import EpiSegError
+    from core.io import read_volume
+    from core.predict import resolve_device
+
+    config = config or PredictConfig()
+    out_dir = Path(out_dir)
+    rep = ProgressReporter(progress, "predict")
+    device = resolve_device(None if config.device == "auto" else config.device)
+    model, info = load_model_for_inference(model_path, device)
+    rep.message(f"model {model_path}: target {info.target}, trained {info.epochs} epochs, "
+                f"voxel size {info.voxel_size_um} um; device {device}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for spec in inputs:
+        check_cancelled(cancel, "Prediction")
+        try:
+            # not kept in a variable: segment_stack frees the image after the network
+            result = segment_stack(read_volume(spec, channel=channel), model, info,
+                                   config=config, work_dir=out_dir, progress=progress,
+                                   cancel=cancel)
+            paths = write_stack_result(result, input_stem(spec), out_dir, config.format)
+        except EpiSegError as err:
+            if len(inputs) == 1:
+                raise
+            results.append(FileResult(spec, error=str(err)))
+            rep.message(f"{spec}: error: {err}")
+            continue
+        results.append(FileResult(spec, outputs=paths, n_cells=result.n_cells,
+                                  seconds=dict(result.seconds), flags=result.flags))
+        rep.message(f"{spec}: {result.n_cells} cells; wrote " + ", ".join(p.name for p in paths))
+    return results

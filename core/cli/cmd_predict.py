@@ -68,36 +68,22 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from core.checkpoint import load_model_for_inference
-    from core.io import read_volume
-    from core.pipeline import input_stem, segment_stack, write_stack_result
-    from core.predict import resolve_device
+    from core.pipeline import predict_files
 
     config = build_config(args)
-    device = resolve_device(None if config.device == "auto" else config.device)
-    model, info = load_model_for_inference(args.model, device)
-    print(f"model {args.model}: target {info.target}, trained {info.epochs} epochs, "
-          f"voxel size {info.voxel_size_um} um; device {device}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    failures = 0
     with TerminalProgress(quiet=args.quiet) as bar:
-        for spec in args.inputs:
-            try:
-                # not kept in a variable: segment_stack frees the image after the network
-                result = segment_stack(read_volume(spec, channel=args.channel), model, info,
-                                       config=config, work_dir=args.out, progress=bar)
-                paths = write_stack_result(result, input_stem(spec), args.out, config.format)
-            except EpiSegError as err:
-                if len(args.inputs) == 1:
-                    raise
-                failures += 1
-                print(f"episeg predict: error: {spec}: {err}", file=sys.stderr)
-                continue
-            secs = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
-            print(f"{spec}: {result.n_cells} cells ({secs})")
-            for path in paths:
-                print(f"  wrote {path}")
+        results = predict_files(args.model, args.inputs, args.out, config,
+                                channel=args.channel, progress=bar)
+    failures = [r for r in results if r.error]
+    for r in results:
+        if r.error:
+            print(f"episeg predict: error: {r.spec}: {r.error}", file=sys.stderr)
+            continue
+        secs = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items())
+        print(f"{r.spec}: {r.n_cells} cells ({secs})")
+        for path in r.outputs:
+            print(f"  wrote {path}")
     if failures:
-        print(f"episeg predict: {failures} of {len(args.inputs)} inputs failed", file=sys.stderr)
+        print(f"episeg predict: {len(failures)} of {len(results)} inputs failed", file=sys.stderr)
         return 2
     return 0

@@ -30,7 +30,7 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-@pytest.mark.parametrize("target,channels", [("cells_with_gaps", 1), ("boundaries", 1), ("both", 2)])
+@pytest.mark.parametrize("target,channels", [("cells_with_gaps", 1), ("boundaries", 1), ("both", 2), ("all", 3)])
 @pytest.mark.parametrize("norm", ["group", "batch", "instance", "none"])
 @pytest.mark.parametrize("upsampling", ["transposed", "trilinear"])
 def test_output_has_one_logit_channel_per_target_channel(target, channels, norm, upsampling):
@@ -47,6 +47,7 @@ def test_output_has_one_logit_channel_per_target_channel(target, channels, norm,
 
 def test_both_target_orders_cell_then_boundary():
     assert target_channels("both") == ("cell", "boundary")
+    assert target_channels("all") == ("cell", "boundary", "tissue")
     with pytest.raises(ConfigError, match="cells_with_gaps"):
         target_channels("membranes")
 
