@@ -7,7 +7,6 @@ from pathlib import Path
 
 from core.cli.args import voxel_size, voxels
 from core.cli.progress import TerminalProgress
-from core.errors import EpiSegError
 
 
 def register(sub) -> None:

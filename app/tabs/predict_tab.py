@@ -1,0 +1,148 @@
+"""Predict tab: a model, one or many stacks, an output folder and format; run; look.
+
+Runs :func:`core.pipeline.predict_files` through the job panel. Each finished
+stack appears in the results list; selecting it shows the stack with its cells
+in the viewer and its flagged cells (the ranked ``STEM_cells_flags.csv``) in a
+table: a click on a flagged cell moves the viewer to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QLabel,
+                               QListWidget, QSplitter, QTableWidget, QTableWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from app.job_panel import JobPanel
+from app.widgets import FileList, PathField
+from core.config import from_dict
+from core.pipeline import FileResult, PredictConfig, predict_files
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "resources" / "models" / "default.pt"
+FLAG_COLUMNS = ("rank", "cell_id", "score", "reason", "volume_um3")
+
+
+class PredictTab(QWidget):
+    """Signal ``show_result(spec, labels_path)``: the main window loads them into the viewer;
+    ``highlight_cell(int)``: a flagged cell was chosen."""
+
+    show_result = Signal(str, str)
+    highlight_cell = Signal(int)
+
+    def __init__(self, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.results: List[FileResult] = []
+        self.model = PathField("open", "EpiSeg models (*.pt);;All files (*)",
+                               "a model file written by training")
+        if DEFAULT_MODEL.exists():
+            self.model.setText(str(DEFAULT_MODEL))
+        self.inputs = FileList()
+        self.out_dir = PathField("folder", placeholder="folder for the label stacks")
+        self.format = QComboBox()
+        self.format.addItems(["tif", "mat", "h5"])
+        self.format.setToolTip("tif: Fiji / ImageJ; mat: MATLAB; h5: HDF5")
+        self.tta = QCheckBox("Test-time augmentation (average over flips; slower)")
+        self.flags = QCheckBox("Rank the cells most likely wrong (flags)")
+        self.flags.setChecked(True)
+        self.probabilities = QCheckBox("Also save the probability maps")
+
+        form = QFormLayout()
+        form.addRow("Model", self.model)
+        form.addRow("Stacks", self.inputs)
+        form.addRow("Output folder", self.out_dir)
+        form.addRow("Format", self.format)
+        form.addRow("", self.tta)
+        form.addRow("", self.flags)
+        form.addRow("", self.probabilities)
+        settings = QGroupBox("Predict cells")
+        settings.setLayout(form)
+
+        self.panel = JobPanel("Predict")
+        self.panel.run_button.clicked.connect(self.run)
+        self.panel.finished.connect(self._finished)
+
+        self.result_list = QListWidget()
+        self.result_list.currentRowChanged.connect(self._select_result)
+        self.flag_table = QTableWidget(0, len(FLAG_COLUMNS))
+        self.flag_table.setHorizontalHeaderLabels(["rank", "cell", "score", "why", "volume um3"])
+        self.flag_table.setSortingEnabled(True)
+        self.flag_table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.flag_table.setSelectionBehavior(QTableWidget.SelectRows)
+        self.flag_table.cellClicked.connect(self._flag_clicked)
+        results = QSplitter(Qt.Vertical)
+        results.addWidget(self.result_list)
+        results.addWidget(self.flag_table)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(settings)
+        layout.addWidget(self.panel, 1)
+        layout.addWidget(QLabel("Results (select one to view it; click a flagged cell to go to it)"))
+        layout.addWidget(results, 2)
+
+    def config(self) -> PredictConfig:
+        return from_dict(PredictConfig, {
+            "format": self.format.currentText(), "tta": self.tta.isChecked(),
+            "flags": self.flags.isChecked(),
+            "save_probabilities": self.probabilities.isChecked()}, where="Predict tab")
+
+    def problems(self) -> List[str]:
+        """What is missing before a run can start, in words."""
+        out = []
+        if not self.model.text():
+            out.append("Choose a model file.")
+        elif not Path(self.model.text()).exists():
+            out.append(f"The model file {self.model.text()} does not exist.")
+        if not self.inputs.paths():
+            out.append("Add at least one stack.")
+        if not self.out_dir.text():
+            out.append("Choose an output folder.")
+        return out
+
+    def run(self) -> None:
+        problems = self.problems()
+        if problems:
+            self.panel._on_failed(" ".join(problems))
+            return
+        self.result_list.clear()
+        self.flag_table.setRowCount(0)
+        self.results = []
+        self.panel.start(predict_files, model_path=self.model.text(),
+                         inputs=self.inputs.paths(), out_dir=Path(self.out_dir.text()),
+                         config=self.config())
+
+    def _finished(self, results: List[FileResult]) -> None:
+        self.results = list(results)
+        for r in self.results:
+            text = (f"{Path(r.spec).name}: error: {r.error}" if r.error
+                    else f"{Path(r.spec).name}: {r.n_cells} cells")
+            self.result_list.addItem(text)
+        if self.results:
+            self.result_list.setCurrentRow(0)
+
+    def _select_result(self, row: int) -> None:
+        if not 0 <= row < len(self.results):
+            return
+        r = self.results[row]
+        self._fill_flags(r.flags or [])
+        if not r.error and r.outputs:
+            self.show_result.emit(r.spec, str(r.outputs[0]))
+
+    def _fill_flags(self, rows: List[Dict[str, Any]]) -> None:
+        self.flag_table.setSortingEnabled(False)
+        self.flag_table.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            for j, key in enumerate(FLAG_COLUMNS):
+                item = QTableWidgetItem()
+                value = row.get(key)
+                item.setData(Qt.DisplayRole, value if isinstance(value, (int, float)) else str(value))
+                self.flag_table.setItem(i, j, item)
+        self.flag_table.setSortingEnabled(True)
+
+    def _flag_clicked(self, row: int, _col: int) -> None:
+        item = self.flag_table.item(row, 1)
+        if item is not None:
+            self.highlight_cell.emit(int(item.data(Qt.DisplayRole)))

@@ -1,0 +1,26 @@
+"""``episeg gui [STACK [LABELS]]``: open the desktop window (the app package, PySide6).
+
+The only place the command line reaches the GUI, and only when this command
+runs: ``core`` itself never imports Qt, so the engine and every other command
+work on machines without a screen or without PySide6.
+"""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("gui", help="open the EpiSeg window",
+                       description="Open the EpiSeg desktop window; a stack (and its labels) "
+                                   "given here opens in the viewer.")
+    p.add_argument("files", nargs="*", help="a stack, and optionally its label stack")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        from app.main_window import main
+    except ImportError as err:  # PySide6 or pyqtgraph missing
+        from core.errors import ConfigError
+        raise ConfigError(f"The window needs PySide6 and pyqtgraph ({err}); install EpiSeg "
+                          "with its GUI dependencies: pip install -e .") from None
+    return main(list(args.files))
