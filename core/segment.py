@@ -66,9 +66,9 @@ class SegmentParams:
 
     cell_threshold: float = 0.5
     tissue_threshold: float = 0.5
-    seed_threshold: float = 0.7
-    seed_max_boundary: float = 0.3
-    seed_erosion_um: float = 0.6
+    seed_threshold: float = 0.6
+    seed_max_boundary: float = 0.2
+    seed_erosion_um: float = 1.0
     gap_closing_vox: int = 2
     seed_method: Literal["interior", "distance"] = "interior"
     seed_h_um: float = 0.45
@@ -349,7 +349,10 @@ def cells_from_probabilities(
     # 2. watershed slab by slab; seeds have global ids so slabs agree at their borders
     labels = np.zeros(shape, dtype=label_dtype(n_seeds))
     plane = shape[1] * shape[2]
-    for i, (z0, z1, a, b) in enumerate(_slabs(shape[0], plane, params.slab_z, 2), start=2):
+    # the halo lets each block see the seeds its cells have just above and below it
+    # (eroded seeds stop short of a cell's end by the erosion radius)
+    halo = 2 + 2 * int(np.ceil(params.seed_erosion_um / float(voxel_size[0])))
+    for i, (z0, z1, a, b) in enumerate(_slabs(shape[0], plane, params.slab_z, halo), start=2):
         elevation = _elevation(cp, bp, np.s_[a:b])
         mask = tissue[a:b] if tissue is not None else None
         part = watershed(elevation, markers=seeds[a:b], mask=mask)
