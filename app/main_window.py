@@ -33,6 +33,16 @@ def load_for_view(image_spec: str, labels_spec: Optional[str] = None, *, progres
     return image, labels
 
 
+def export_labels(path: str, labels, voxel_size, *, progress=None, cancel=None) -> str:
+    """Write a label stack as TIFF, .mat or .h5 (by the extension), voxel size kept."""
+    from core.io import write_volume
+
+    fmt = Path(path).suffix.lower()
+    vol = Volume(labels, voxel_size, Path(path).stem)
+    return str(write_volume(path, vol, labels=True,
+                            mat_variable="labels" if fmt == ".mat" else None))
+
+
 def device_text() -> str:
     try:
         import torch
@@ -77,6 +87,7 @@ class MainWindow(QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         file_menu.addAction("Open stack...", self.choose_stack)
         file_menu.addAction("Open labels over the stack...", self.choose_labels)
+        file_menu.addAction("Export labels...", self.choose_export)
         file_menu.addSeparator()
         file_menu.addAction("Quit", self.close)
         help_menu = self.menuBar().addMenu("&Help")
@@ -130,6 +141,27 @@ class MainWindow(QMainWindow):
             self.viewer.set_labels(labels.data)
         self.statusBar().showMessage(f"{image.name}: {image.shape} {image.data.dtype}, voxel "
                                      f"{image.voxel_size or 'unknown'} um", 10000)
+
+    def choose_export(self) -> None:
+        if self.viewer.labels is None:
+            self.show_error("There are no labels in the viewer to export: predict a stack or "
+                            "open a label stack first.")
+            return
+        start = self.settings.value("last_folder", str(Path.home()))
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export labels", start,
+            "TIFF (*.tif);;MATLAB (*.mat);;HDF5 (*.h5)")
+        if path:
+            self.export_to(path)
+
+    def export_to(self, path: str) -> Job:
+        """Write the viewer's labels to ``path`` in the worker thread."""
+        job = Job(export_labels, parent=self, path=path, labels=self.viewer.labels,
+                  voxel_size=self.viewer.voxel_size)
+        job.finished.connect(lambda p: self.statusBar().showMessage(f"wrote {p}", 10000))
+        job.failed.connect(self.show_error)
+        job.start()
+        return job
 
     # ------------------------------------------------------------- messages
     def show_error(self, message: str) -> None:

@@ -67,6 +67,14 @@ def test_predict_tab_runs_shows_cells_and_flags(qtbot, trained):
     tab._flag_clicked(0, 0)
     cell = int(tab.flag_table.item(0, 1).data(0))
     assert w.viewer.highlighted == cell and labels[w.viewer.z, w.viewer.y, w.viewer.x] == cell
+    # export what the viewer shows, as .mat and .tif, voxel size kept
+    for ext in ("mat", "tif"):
+        job = w.export_to(str(d / f"exported.{ext}"))
+        with qtbot.waitSignal(job.done, timeout=30000):
+            pass
+        back = read_labels(str(d / f"exported.{ext}"))
+        np.testing.assert_array_equal(back.data, labels)
+        assert back.voxel_size == pytest.approx((1.0, 0.3, 0.3))
     w.resize(1400, 850)
     folder = Path(SCREENSHOTS) if SCREENSHOTS else d
     folder.mkdir(parents=True, exist_ok=True)
