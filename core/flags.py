@@ -34,6 +34,8 @@ from scipy import ndimage as ndi
 
 from core.errors import VolumeDataError
 from core.io.atomic import atomic_path
+from core import segment
+from core.segment import _Prob
 
 #: Columns of the CSV written by :func:`write_flags_csv`, in order.
 COLUMNS = ("rank", "cell_id", "score", "reason", "z", "y", "x", "volume_um3",
@@ -53,13 +55,6 @@ class FlagParams:
     """inner_margin_um: voxels closer than this to a cell's surface are not its inside."""
 
     inner_margin_um: float = 0.6
-
-
-def _as_prob(array: np.ndarray) -> np.ndarray:
-    a = np.asarray(array)
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    return a.astype(np.float32, copy=False)
 
 
 def _robust_z(values: np.ndarray) -> np.ndarray:
@@ -100,8 +95,8 @@ def cell_flags(
     n = int(np.max(labels)) if np.size(labels) else 0
     if n == 0:
         return []
-    bp = None if boundary_prob is None else _Prob(boundary_prob)
-    cp = None if cell_prob is None else _Prob(cell_prob)
+    bp = None if boundary_prob is None else _Prob(boundary_prob, "boundary probability")
+    cp = None if cell_prob is None else _Prob(cell_prob, "cell probability")
     acc = _accumulate(labels, bp, cp, n, voxel_size, params.inner_margin_um)
     counts = acc["count"]
     ids = np.flatnonzero(counts[1:]) + 1
@@ -152,24 +147,12 @@ def cell_flags(
     return rows
 
 
-class _Prob:
-    """A probability map in its stored dtype (uint8 0..255 or float [0, 1]), read slab by slab."""
-
-    def __init__(self, array):
-        self.a = array
-        self.scale = 255.0 if np.asarray(array[:1]).dtype == np.uint8 else 1.0
-
-    def f32(self, index) -> np.ndarray:
-        return np.asarray(self.a[index], dtype=np.float32) / np.float32(self.scale)
-
-
 def _accumulate(labels, bp, cp, n, voxel_size, margin_um) -> Dict[str, Any]:
     """Per-cell sums over Z slabs (memory bounded by a slab, not the stack)."""
-    from core.segment import SLAB_VOXELS
 
     shape = labels.shape
     plane = shape[1] * shape[2]
-    step = max(1, SLAB_VOXELS // max(1, plane))
+    step = max(1, segment.SLAB_VOXELS // max(1, plane))
     halo = int(np.ceil(margin_um / float(voxel_size[0]))) + 1
     acc: Dict[str, Any] = {
         "count": np.zeros(n + 1), "n_inner": np.zeros(n + 1), "inner_bp": np.zeros(n + 1),
