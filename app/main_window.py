@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QS
                                QTabWidget, QWidget)
 
 from app.tabs.predict_tab import PredictTab
+from app.tabs.train_tab import TrainTab
 from app.viewer import VolumeViewer
 from app.widgets import STACK_FILTER
 from app.worker import Job
@@ -71,7 +72,9 @@ class MainWindow(QMainWindow):
         self.settings = QSettings("EpiSeg", "EpiSeg")
         self.viewer = VolumeViewer()
         self.tabs = QTabWidget()
+        self.train_tab = TrainTab()
         self.predict_tab = PredictTab()
+        self.tabs.addTab(self.train_tab, "Train")
         self.tabs.addTab(self.predict_tab, "Predict")
         self.predict_tab.show_result.connect(self.open_in_viewer)
         self.predict_tab.highlight_cell.connect(lambda c: self.viewer.highlight(c))

@@ -450,11 +450,13 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
 
 # -- presets ---------------------------------------------------------------------------
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # Fast CPU work: 3 levels, 8 feature maps at the top, batch norm (as Cicek et al.).
+    # Fast CPU work: 4 levels, 8 feature maps at the top, batch norm (as Cicek et al.).
+    # 4 levels rather than 3: the larger field of view tells a cell's inside from the
+    # lumen (cell IoU 0.85 -> 0.95, AP50 0.72 -> 0.79 in 15 CPU minutes, docs/accuracy.md).
     # In eval mode batch norm is a fixed affine map: it folds into the convolutions
     # (~30% faster on a CPU) and tiled prediction equals a whole-volume pass, so
     # results do not depend on the tile size a machine's memory allows.
-    "small": dict(base_features=8, depth=3, norm="batch", num_groups=4),
+    "small": dict(base_features=8, depth=4, norm="batch", num_groups=4),
     # The standard 3D U-Net: 4 levels, 32 feature maps at the top, group norm
     # (robust to the batches of 1-2 patches a GPU holds; predict with tiles at
     # least as large as the training patches).

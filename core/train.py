@@ -133,7 +133,7 @@ class DataConfig:
 @dataclass
 class ModelSection:
     preset: Literal["small", "standard"] = field(default="small", metadata={
-        "help": "small: 3 levels, 8 features (fast on CPUs); standard: 4 levels, 32 features."})
+        "help": "small: 4 levels, 8 features (fast on CPUs); standard: 4 levels, 32 features."})
     base_features: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "Feature maps at the first level (empty = the preset's)."})
     depth: Optional[int] = field(default=None, metadata={

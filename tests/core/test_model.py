@@ -65,7 +65,7 @@ def test_anisotropic_pooling_follows_nnunet_rule():
 
 
 def test_anisotropic_model_runs_on_odd_shapes_after_padding():
-    cfg = small_config(voxel_size_um=(1.0, 0.25, 0.25), target="both")
+    cfg = small_config(voxel_size_um=(1.0, 0.25, 0.25), target="both", depth=3)
     div = required_divisor(cfg)
     assert div == (1, 4, 4)
     model = build_model(cfg).eval()
@@ -131,7 +131,7 @@ def test_weights_and_config_load_with_weights_only(tmp_path):
 
 def test_presets_small_is_much_lighter_than_standard():
     small, standard = small_config(), standard_config()
-    assert (small.depth, small.base_features) == (3, 8)
+    assert (small.depth, small.base_features) == (4, 8)
     assert (standard.depth, standard.base_features) == (4, 32)
     n_small = count_parameters(build_model(small))
     n_std = count_parameters(build_model(standard))

@@ -109,7 +109,7 @@ def test_group_norm_unet_tiled_close_to_whole_volume():
     what such a network saw in training). With tiles of 2/3 of the volume on a smooth
     image an untrained network still agrees closely and almost everywhere at 0.5."""
     torch.manual_seed(3)
-    model = build_model(small_config(norm="group")).eval()
+    model = build_model(small_config(norm="group", depth=3)).eval()
     image = smooth_image((32, 96, 96), seed=3)
     tiled = predict_probabilities(model, image, tile_shape=(32, 64, 64), out_dtype=np.float32)
     ref = whole_volume(model, image)

@@ -64,7 +64,8 @@ def config(stacks, **kw) -> TrainConfig:
             "val": [{"raw": stacks["val"][0], "labels": stacks["val"][1]}]}
     base = {"data": data, "epochs": 3, "iterations_per_epoch": 20, "batch_size": 2,
             "patch_size": [8, 32, 32], "target": "cells_with_gaps", "threads": 1,
-            "optimizer": {"lr": 0.01}, "schedule": {"warmup_iterations": 5}}
+            "optimizer": {"lr": 0.01}, "schedule": {"warmup_iterations": 5},
+            "model": {"depth": 3}}  # 60 iterations: the shallow net learns fastest
     for key, value in kw.items():
         if isinstance(value, dict):
             base[key] = {**base.get(key, {}), **value}

@@ -1,0 +1,168 @@
+"""Train tab: stacks and their labels, model and budget; train in 3D with live curves.
+
+Runs :func:`core.train.train` through the job panel. The plot shows the
+smoothed training loss per iteration as it arrives, and the training and
+validation loss and the validation AP50 per epoch. Cancel stops within a
+batch and keeps the model of the last finished epoch; Resume continues it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import pyqtgraph as pg
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
+                               QHBoxLayout, QSpinBox, QVBoxLayout, QWidget)
+
+from app.job_panel import JobPanel
+from app.widgets import FileList, PathField
+from core.config import from_dict
+from core.jobs import ProgressEvent
+from core.train import TrainConfig, train
+
+
+class TrainTab(QWidget):
+    """Signal-free: the model file is written where the user chose (``out``)."""
+
+    def __init__(self, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.raws = FileList()
+        self.labels = FileList()
+        self.preset = QComboBox()
+        self.preset.addItems(["small", "standard"])
+        self.preset.setToolTip("small: fast on a CPU; standard: 4 levels, 32 features (GPU)")
+        self.target = QComboBox()
+        self.target.addItems(["all", "both", "cells_with_gaps", "boundaries"])
+        self.loss = QComboBox()
+        self.loss.addItems(["bce_dice", "dice", "bce", "weighted_bce"])
+        self.augment = QComboBox()
+        self.augment.addItems(["default", "light", "strong", "flips", "off"])
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 100000)
+        self.epochs.setValue(40)
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 100000)
+        self.iterations.setValue(100)
+        self.minutes = QDoubleSpinBox()
+        self.minutes.setRange(0, 100000)
+        self.minutes.setDecimals(1)
+        self.minutes.setSpecialValueText("no limit")
+        self.minutes.setSuffix(" min")
+        self.amp = QComboBox()
+        self.amp.addItems(["auto", "on", "off"])
+        self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")
+        self.out = PathField("save", "EpiSeg models (*.pt)", "where the model is saved")
+        self.resume = QCheckBox("Resume the run saved in this model file")
+
+        data = QHBoxLayout()
+        data.addWidget(self.raws)
+        data.addWidget(self.labels)
+        form = QFormLayout()
+        form.addRow("Raw stacks | label stacks (same order)", data)
+        form.addRow("Model size", self.preset)
+        form.addRow("Target", self.target)
+        form.addRow("Loss", self.loss)
+        form.addRow("Augmentation", self.augment)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Batches per epoch", self.iterations)
+        form.addRow("Time budget", self.minutes)
+        form.addRow("Mixed precision", self.amp)
+        form.addRow("Fine-tune", self.init)
+        form.addRow("Save model as", self.out)
+        form.addRow("", self.resume)
+        box = QGroupBox("Train a 3D U-Net")
+        box.setLayout(form)
+
+        self.plot = pg.PlotWidget(title="loss")
+        self.plot.setBackground("w")
+        self.plot.addLegend()
+        self.plot.setLabel("bottom", "epoch")
+        self.iter_curve = self.plot.plot([], [], pen=pg.mkPen((150, 150, 150), width=1),
+                                         name="training (smoothed, per iteration)")
+        self.train_curve = self.plot.plot([], [], pen=pg.mkPen((0, 114, 178), width=2),
+                                          symbol="o", symbolSize=5, name="training")
+        self.val_curve = self.plot.plot([], [], pen=pg.mkPen((213, 94, 0), width=2),
+                                        symbol="o", symbolSize=5, name="validation")
+        self.metric_plot = pg.PlotWidget(title="validation AP50")
+        self.metric_plot.setBackground("w")
+        self.metric_plot.setLabel("bottom", "epoch")
+        self.ap_curve = self.metric_plot.plot([], [], pen=pg.mkPen((0, 158, 115), width=2),
+                                              symbol="o", symbolSize=5)
+        plots = QHBoxLayout()
+        plots.addWidget(self.plot, 3)
+        plots.addWidget(self.metric_plot, 2)
+
+        self.panel = JobPanel("Train")
+        self.panel.run_button.clicked.connect(self.run)
+        self.panel.progress.connect(self.on_progress)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(box)
+        layout.addLayout(plots, 2)
+        layout.addWidget(self.panel, 1)
+        self.reset_curves()
+
+    def reset_curves(self) -> None:
+        self.iters: List[float] = []
+        self.iter_losses: List[float] = []
+        self.epoch_train: List[float] = []
+        self.epoch_val: List[float] = []
+        self.epoch_ap: List[float] = []
+        self.epoch_x: List[float] = []
+        for c in (self.iter_curve, self.train_curve, self.val_curve, self.ap_curve):
+            c.setData([], [])
+
+    def config(self) -> TrainConfig:
+        pairs = [{"raw": r, "labels": l} for r, l in zip(self.raws.paths(), self.labels.paths())]
+        return from_dict(TrainConfig, {
+            "data": {"train": pairs},
+            "model": {"preset": self.preset.currentText()},
+            "target": None if self.init.text() else self.target.currentText(),
+            "loss": {"name": self.loss.currentText()},
+            "augment": {"level": self.augment.currentText()},
+            "epochs": self.epochs.value(),
+            "iterations_per_epoch": self.iterations.value(),
+            "max_minutes": self.minutes.value() or None,
+            "amp": self.amp.currentText(),
+        }, where="Train tab")
+
+    def problems(self) -> List[str]:
+        out = []
+        if not self.raws.paths():
+            out.append("Add at least one raw stack and its label stack.")
+        elif len(self.raws.paths()) != len(self.labels.paths()):
+            out.append(f"{len(self.raws.paths())} raw stacks but {len(self.labels.paths())} label "
+                       "stacks: give one label stack per raw stack, in the same order.")
+        if not self.out.text():
+            out.append("Choose where to save the model.")
+        if self.resume.isChecked() and self.out.text() and not Path(self.out.text()).exists():
+            out.append(f"Nothing to resume: {self.out.text()} does not exist yet.")
+        return out
+
+    def run(self) -> None:
+        problems = self.problems()
+        if problems:
+            self.panel._on_failed(" ".join(problems))
+            return
+        if not self.resume.isChecked():
+            self.reset_curves()
+        self.panel.start(train, config=self.config(), out_path=Path(self.out.text()),
+                         resume=self.resume.isChecked(), init=self.init.text() or None)
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        """Live curves: per-iteration loss (smoothed by the core) and per-epoch figures."""
+        d = event.data
+        if event.stage == "train" and "loss" in d:
+            self.iters.append(event.done / self.iterations.value())
+            self.iter_losses.append(float(d["loss"]))
+            self.iter_curve.setData(self.iters, self.iter_losses)
+        elif event.stage == "epoch" and "train_loss" in d:
+            self.epoch_x.append(float(d["epoch"]))
+            self.epoch_train.append(float(d["train_loss"]))
+            self.epoch_val.append(float(d.get("val_loss", float("nan"))))
+            self.train_curve.setData(self.epoch_x, self.epoch_train)
+            self.val_curve.setData(self.epoch_x, self.epoch_val)
+            if "ap50" in d:
+                self.epoch_ap.append(float(d["ap50"]))
+                self.ap_curve.setData(self.epoch_x[-len(self.epoch_ap):], self.epoch_ap)
