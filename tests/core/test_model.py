@@ -135,7 +135,7 @@ def test_presets_small_is_much_lighter_than_standard():
     assert (standard.depth, standard.base_features) == (4, 32)
     n_small = count_parameters(build_model(small))
     n_std = count_parameters(build_model(standard))
-    assert n_small < 100_000 < 5_000_000 < n_std
+    assert n_small < 500_000 and n_std > 10 * n_small
     with pytest.raises(ConfigError, match="small"):
         preset_config("huge")
 
