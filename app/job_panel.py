@@ -115,13 +115,17 @@ class JobPanel(QWidget):
         self.status.setText("finished")
         self.finished.emit(result)
 
-    def _on_failed(self, message: str) -> None:
+    def show_problem(self, message: str) -> None:
+        """Tell the user what is wrong (dialog + log) without starting anything."""
         self.last_error = message
-        self.status.setText("failed")
         self.append_log(f"error: {message}")
         self.error_box = QMessageBox(QMessageBox.Critical, "EpiSeg", message,
                                      QMessageBox.Ok, self)
         self.error_box.open()  # not exec(): the window keeps running behind it
+
+    def _on_failed(self, message: str) -> None:
+        self.status.setText("failed")
+        self.show_problem(message)
 
     def _on_cancelled(self, message: str) -> None:
         self.status.setText("cancelled")

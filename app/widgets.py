@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLineEdit,
-                               QListWidget, QPushButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QFormLayout, QGroupBox,
+                               QHBoxLayout, QLineEdit, QListWidget, QPushButton, QVBoxLayout,
+                               QWidget)
 
 #: File dialog filter for every stack format EpiSeg reads.
 STACK_FILTER = ("Stacks (*.tif *.tiff *.h5 *.hdf5 *.mat *.npy *.npz);;TIFF (*.tif *.tiff);;"
@@ -105,3 +106,13 @@ class FileList(QWidget):
 
 def set_checked(widget, value: bool) -> None:
     widget.setCheckState(Qt.Checked if value else Qt.Unchecked)
+
+
+def form_box(title: str, rows) -> QGroupBox:
+    """A titled group of labelled rows: ``rows`` are (label, widget or layout) pairs."""
+    form = QFormLayout()
+    for label, field in rows:
+        form.addRow(label, field)
+    box = QGroupBox(title)
+    box.setLayout(form)
+    return box

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QLabel,
-                               QListWidget, QSplitter, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QListWidget, QSplitter,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
-from app.widgets import FileList, PathField
+from app.widgets import FileList, PathField, form_box
 from core.config import from_dict
 from core.pipeline import FileResult, PredictConfig, predict_files
 
@@ -50,16 +49,10 @@ class PredictTab(QWidget):
         self.flags.setChecked(True)
         self.probabilities = QCheckBox("Also save the probability maps")
 
-        form = QFormLayout()
-        form.addRow("Model", self.model)
-        form.addRow("Stacks", self.inputs)
-        form.addRow("Output folder", self.out_dir)
-        form.addRow("Format", self.format)
-        form.addRow("", self.tta)
-        form.addRow("", self.flags)
-        form.addRow("", self.probabilities)
-        settings = QGroupBox("Predict cells")
-        settings.setLayout(form)
+        settings = form_box("Predict cells", [
+            ("Model", self.model), ("Stacks", self.inputs), ("Output folder", self.out_dir),
+            ("Format", self.format), ("", self.tta), ("", self.flags),
+            ("", self.probabilities)])
 
         self.panel = JobPanel("Predict")
         self.panel.run_button.clicked.connect(self.run)
@@ -105,7 +98,7 @@ class PredictTab(QWidget):
     def run(self) -> None:
         problems = self.problems()
         if problems:
-            self.panel._on_failed(" ".join(problems))
+            self.panel.show_problem(" ".join(problems))
             return
         self.result_list.clear()
         self.flag_table.setRowCount(0)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import pyqtgraph as pg
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
-                               QHBoxLayout, QSpinBox, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QSpinBox,
+                               QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
-from app.widgets import FileList, PathField
+from app.widgets import FileList, PathField, form_box
 from core.config import from_dict
 from core.jobs import ProgressEvent
 from core.train import TrainConfig, train
@@ -58,21 +58,12 @@ class TrainTab(QWidget):
         data = QHBoxLayout()
         data.addWidget(self.raws)
         data.addWidget(self.labels)
-        form = QFormLayout()
-        form.addRow("Raw stacks | label stacks (same order)", data)
-        form.addRow("Model size", self.preset)
-        form.addRow("Target", self.target)
-        form.addRow("Loss", self.loss)
-        form.addRow("Augmentation", self.augment)
-        form.addRow("Epochs", self.epochs)
-        form.addRow("Batches per epoch", self.iterations)
-        form.addRow("Time budget", self.minutes)
-        form.addRow("Mixed precision", self.amp)
-        form.addRow("Fine-tune", self.init)
-        form.addRow("Save model as", self.out)
-        form.addRow("", self.resume)
-        box = QGroupBox("Train a 3D U-Net")
-        box.setLayout(form)
+        box = form_box("Train a 3D U-Net", [
+            ("Raw stacks | label stacks (same order)", data), ("Model size", self.preset),
+            ("Target", self.target), ("Loss", self.loss), ("Augmentation", self.augment),
+            ("Epochs", self.epochs), ("Batches per epoch", self.iterations),
+            ("Time budget", self.minutes), ("Mixed precision", self.amp),
+            ("Fine-tune", self.init), ("Save model as", self.out), ("", self.resume)])
 
         self.plot = pg.PlotWidget(title="loss")
         self.plot.setBackground("w")
@@ -143,7 +134,7 @@ class TrainTab(QWidget):
     def run(self) -> None:
         problems = self.problems()
         if problems:
-            self.panel._on_failed(" ".join(problems))
+            self.panel.show_problem(" ".join(problems))
             return
         if not self.resume.isChecked():
             self.reset_curves()
