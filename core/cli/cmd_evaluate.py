@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-from typing import Any, Dict
 
 from core.cli.progress import TerminalProgress
-from core.metrics import CELL_COLUMNS, EvaluationResult, evaluate
+from core.evaluate_files import write_cells_csv, write_figures_json
+from core.metrics import EvaluationResult, evaluate
 
 DESCRIPTION = """\
 Compare a predicted label stack with its ground truth and print the scores:
@@ -63,7 +61,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from core.io import read_labels
-    from core.io.atomic import atomic_path
 
     gt = read_labels(args.gt)
     pred = read_labels(args.pred)
@@ -79,21 +76,10 @@ def run(args: argparse.Namespace) -> int:
         )
     print(format_report(result, args.gt, args.pred))
     if args.json_file:
-        figures: Dict[str, Any] = {"gt": args.gt, "pred": args.pred}
-        figures.update(result.to_dict())
-        with atomic_path(args.json_file) as tmp:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(figures, fh, indent=2)
-                fh.write("\n")
+        write_figures_json(args.json_file, result, {"gt": args.gt, "pred": args.pred})
         print(f"figures written to {args.json_file}")
     if args.cells_csv:
-        with atomic_path(args.cells_csv) as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(CELL_COLUMNS))
-                writer.writeheader()
-                for row in result.cells:
-                    writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v)
-                                     for k, v in row.items()})
+        write_cells_csv(args.cells_csv, result)
         print(f"per-cell table ({len(result.cells)} rows) written to {args.cells_csv}")
     return 0
 

@@ -8,15 +8,15 @@ example in resources/configs/preprocess.yaml) and flags override its values.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from core.config import apply_overrides, load_yaml, save_yaml
-from core.errors import ConfigError, EpiSegError, JobCancelled
-from core.preprocess import PreprocessConfig, preprocess_volume, write_preprocessed
+from core.errors import ConfigError
+from core.preprocess import PreprocessConfig
+from core.preprocess_files import plan_outputs, preprocess_files
 
 EPILOG = """examples:
   episeg preprocess --raw gland01.mat:I --labels gland01_labels.mat:L --out gland01.h5
@@ -156,26 +156,8 @@ def build_config(args) -> PreprocessConfig:
     return apply_overrides(cfg, flags, where="command line")
 
 
-def _file_of(spec: str) -> Path:
-    """The file part of 'file.h5:dataset'."""
-    from core.io import split_spec
-
-    return split_spec(spec)[0]
-
-
-def _out_name(raw_spec: str) -> str:
-    """'a/gland01.mat:I' -> 'gland01_I_preprocessed.h5' (dataset kept: one file may hold several)."""
-    from core.io import split_spec
-
-    path, inner = split_spec(raw_spec)
-    name = path.stem
-    if inner:
-        name += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", inner).strip("_")
-    return f"{name}_preprocessed.h5"
-
-
-def _jobs(args) -> List[Tuple[str, Optional[str], Path]]:
-    """(raw spec, labels spec or None, output path) per volume; checked before any work."""
+def _jobs(args) -> List[Tuple[str, Optional[str]]]:
+    """(raw spec, labels spec or None) per volume; outputs checked before any work."""
     if args.pair and args.raw:
         raise ConfigError("command line: give either --raw (one volume) or --pair (a batch), "
                           "not both.")
@@ -188,62 +170,45 @@ def _jobs(args) -> List[Tuple[str, Optional[str], Path]]:
     pairs = [(r, l) for r, l in args.pair] if args.pair else [(args.raw, args.labels)]
     if args.out and args.out_dir:
         raise ConfigError("command line: give either --out or --out-dir, not both.")
-    if args.out:
-        if len(pairs) > 1:
-            raise ConfigError("command line: several --pair volumes need --out-dir DIR, "
-                              "not --out.")
-        outs = [Path(args.out)]
-    elif args.out_dir:
-        outs = [Path(args.out_dir) / _out_name(r) for r, _ in pairs]
-    else:
+    if args.out and len(pairs) > 1:
+        raise ConfigError("command line: several --pair volumes need --out-dir DIR, not --out.")
+    if not args.out and not args.out_dir:
         raise ConfigError("command line: say where to write: --out OUT.h5 (one volume) or "
                           "--out-dir DIR.")
-    seen: Dict[Path, str] = {}
-    inputs = {_file_of(s).resolve() for pair in pairs for s in pair if s}
-    for (raw, _), out in zip(pairs, outs):
-        key = out.resolve()
-        if key in inputs:
-            raise ConfigError(f"command line: the output {out} is one of the input files; "
-                              "inputs are never overwritten. Choose another output name.")
-        if key in seen:
-            raise ConfigError(f"command line: {seen[key]} and {raw} would both be written to "
-                              f"{out}. Give them different file names.")
-        seen[key] = raw
-    return [(r, l, o) for (r, l), o in zip(pairs, outs)]
+    plan_outputs(pairs, Path(args.out_dir) if args.out_dir else None,
+                 Path(args.out) if args.out else None, where="command line")
+    return pairs
 
 
 def run(args) -> int:
     from core.cli.progress import TerminalProgress
-    from core.io import read_labels, read_volume
 
     cfg = build_config(args)
-    jobs = _jobs(args)
+    pairs = _jobs(args)
     if args.save_config:
         save_yaml(args.save_config, cfg, header="episeg preprocess settings (ZYX, micrometres)")
         print(f"settings saved to {args.save_config}")
+    with TerminalProgress(quiet=args.quiet) as bar:
+        def progress(event):  # the per-volume reports are printed below, to stdout
+            if event.stage != "preprocess":
+                bar(event)
+
+        results = preprocess_files(pairs, cfg, out_dir=Path(args.out_dir) if args.out_dir else None,
+                                   out=Path(args.out) if args.out else None,
+                                   channel=args.channel, time=args.time, progress=progress)
     failed: List[str] = []
-    for i, (raw_spec, lab_spec, out) in enumerate(jobs, 1):
-        tag = f"[{i}/{len(jobs)}] " if len(jobs) > 1 else ""
-        try:
-            with TerminalProgress(quiet=args.quiet) as bar:
-                raw = read_volume(raw_spec, channel=args.channel, time=args.time)
-                labels = read_labels(lab_spec) if lab_spec else None
-                result = preprocess_volume(raw, labels, cfg, progress=bar)
-                write_preprocessed(out, result)
-        except JobCancelled:
-            raise
-        except EpiSegError as err:
-            if len(jobs) == 1:
-                raise
-            print(f"{tag}{raw_spec}: error: {err}", file=sys.stderr)
-            failed.append(raw_spec)
+    for i, r in enumerate(results, 1):
+        tag = f"[{i}/{len(results)}] " if len(results) > 1 else ""
+        if r.error:
+            print(f"{tag}{r.raw}: error: {r.error}", file=sys.stderr)
+            failed.append(r.raw)
             continue
-        print(f"{tag}{raw_spec}" + (f" + {lab_spec}" if lab_spec else ""))
-        for line in result.summary_lines():
+        print(f"{tag}{r.raw}" + (f" + {r.labels}" if r.labels else ""))
+        for line in r.summary:
             print(f"  {line}")
-        print(f"  written: {out}")
+        print(f"  written: {r.output}")
     if failed:
-        print(f"{len(jobs) - len(failed)} of {len(jobs)} volumes written; failed: "
+        print(f"{len(results) - len(failed)} of {len(results)} volumes written; failed: "
               f"{', '.join(failed)}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,77 @@
+"""Evaluate a predicted label stack file against its ground-truth file; save the tables.
+
+Shared by ``episeg evaluate`` and the GUI's Evaluate tab: read both stacks
+(and optionally the raw image to look at), run :func:`core.metrics.evaluate`,
+write the figures as JSON and the per-cell table as CSV (atomically).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from core.jobs import CancelFlag, ProgressFn
+from core.metrics import CELL_COLUMNS, EvaluationResult, evaluate
+from core.volume import Volume
+
+
+@dataclass
+class EvaluatedFiles:
+    """The scores, and the stacks they were computed from (ZYX)."""
+
+    result: EvaluationResult
+    gt: Volume
+    pred: Volume
+    image: Optional[Volume] = None
+
+
+def evaluate_files(gt_spec: str, pred_spec: str, image_spec: Optional[str] = None, *,
+                   iou_threshold: float = 0.5, components: bool = True,
+                   progress: ProgressFn = None, cancel: CancelFlag = None) -> EvaluatedFiles:
+    """Read ground truth and prediction (file specs) and score the prediction.
+
+    ``image_spec``: the raw stack, read only to be shown with the labels; it
+    must have their shape. Raises VolumeDataError when shapes differ.
+    """
+    from core.io import check_same_shape, read_labels, read_volume
+
+    gt = read_labels(gt_spec)
+    pred = read_labels(pred_spec)
+    image = read_volume(image_spec) if image_spec else None
+    if image is not None:
+        check_same_shape(image, gt)
+    result = evaluate(gt.data, pred.data, iou_threshold=iou_threshold, components=components,
+                      names=(f"ground truth {gt_spec}", f"prediction {pred_spec}"),
+                      progress=progress, cancel=cancel)
+    return EvaluatedFiles(result, gt, pred, image)
+
+
+def write_figures_json(path: Union[str, Path], result: EvaluationResult,
+                       extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Every figure of ``result`` (plain names: cell_iou, ap50, ...) as JSON, atomically."""
+    from core.io.atomic import atomic_path
+
+    figures: Dict[str, Any] = dict(extra or {})
+    figures.update(result.to_dict())
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(figures, fh, indent=2)
+            fh.write("\n")
+    return Path(path)
+
+
+def write_cells_csv(path: Union[str, Path], result: EvaluationResult) -> Path:
+    """The per-cell table (one row per GT cell, one per unmatched predicted cell), atomically."""
+    from core.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(CELL_COLUMNS))
+            writer.writeheader()
+            for row in result.cells:
+                writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v)
+                                 for k, v in row.items()})
+    return Path(path)
