@@ -1,26 +1,36 @@
 """The main window: task tabs on the left, the shared volume viewer on the right.
 
-Menus open stacks and label stacks into the viewer (read in the worker
-thread, so a large file never freezes the window); the status bar shows the
-device (CPU or the GPU's name) and the memory this process uses.
+Tabs Preprocess, Train, Predict and Evaluate each run their core job through
+the one worker pattern (:class:`app.job_panel.JobPanel`). Menus open stacks
+and label stacks into the viewer (read in the worker thread, so a large file
+never freezes the window), load and save the current tab's settings as YAML
+(the command line's schema), list recent files, pick the device and show the
+versions. The status bar shows the device and the memory this process uses.
+Last folders, recent files, the device and the viewer's overlay settings
+persist between sessions (QSettings).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QActionGroup
 from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QSplitter,
                                QTabWidget, QWidget)
 
+from app.tabs.evaluate_tab import EvaluateTab
 from app.tabs.predict_tab import PredictTab
+from app.tabs.preprocess_tab import PreprocessTab
 from app.tabs.train_tab import TrainTab
 from app.viewer import VolumeViewer
 from app.widgets import STACK_FILTER
 from app.worker import Job
 from core import __version__
+from core.errors import ConfigError
+from core.io import split_spec
 from core.volume import Volume
 
 
@@ -65,19 +75,73 @@ def memory_text() -> str:
         return ""
 
 
+#: How many files File > Recent files remembers.
+MAX_RECENT = 10
+
+
+def config_schema(tab) -> Tuple[type, Optional[str]]:
+    """(config class, YAML section or None) of a tab's settings; (None, None) if it has none."""
+    from core.pipeline import PredictConfig
+    from core.preprocess import PreprocessConfig
+    from core.train import TrainConfig
+
+    if isinstance(tab, PreprocessTab):
+        return PreprocessConfig, None
+    if isinstance(tab, TrainTab):
+        return TrainConfig, None
+    if isinstance(tab, PredictTab):
+        return PredictConfig, "predict"
+    return None, None
+
+
+def load_tab_config(tab, path: str):
+    """Read ``path`` with the schema of ``tab`` (the same files as the command line)."""
+    from core.config import load_yaml
+    from core.train import load_train_config
+
+    cls, section = config_schema(tab)
+    if cls is None:
+        raise ConfigError("This tab has no settings file; choose Preprocess, Train or Predict.")
+    if isinstance(tab, TrainTab):
+        return load_train_config(path)
+    return load_yaml(path, cls, section=section)
+
+
+def save_tab_config(tab, path: str) -> Path:
+    from core.config import save_yaml, to_dict
+
+    cls, section = config_schema(tab)
+    if cls is None:
+        raise ConfigError("This tab has no settings file; choose Preprocess, Train or Predict.")
+    cfg = tab.config()
+    name = {"PreprocessConfig": "preprocess", "TrainConfig": "train",
+            "PredictConfig": "predict"}[cls.__name__]
+    header = (f"EpiSeg {name} settings saved by the GUI; use with "
+              f"`episeg {name} --config {Path(path).name}` (ZYX, micrometres)")
+    return save_yaml(path, {section: to_dict(cfg)} if section else cfg, header=header)
+
+
 class MainWindow(QMainWindow):
-    def __init__(self, parent: Optional[QWidget] = None):
+    def __init__(self, parent: Optional[QWidget] = None, settings: Optional[QSettings] = None):
         super().__init__(parent)
         self.setWindowTitle(f"EpiSeg {__version__}")
-        self.settings = QSettings("EpiSeg", "EpiSeg")
+        self.settings = settings if settings is not None else QSettings("EpiSeg", "EpiSeg")
         self.viewer = VolumeViewer()
         self.tabs = QTabWidget()
+        self.preprocess_tab = PreprocessTab()
         self.train_tab = TrainTab()
         self.predict_tab = PredictTab()
+        self.evaluate_tab = EvaluateTab()
+        self.tabs.addTab(self.preprocess_tab, "Preprocess")
         self.tabs.addTab(self.train_tab, "Train")
         self.tabs.addTab(self.predict_tab, "Predict")
+        self.tabs.addTab(self.evaluate_tab, "Evaluate")
+        self.preprocess_tab.show_result.connect(self.open_in_viewer)
         self.predict_tab.show_result.connect(self.open_in_viewer)
         self.predict_tab.highlight_cell.connect(lambda c: self.viewer.highlight(c))
+        self.evaluate_tab.show_arrays.connect(self.show_arrays)
+        self.evaluate_tab.overlay.connect(self.viewer.set_labels)
+        self.evaluate_tab.highlight_cell.connect(lambda c: self.viewer.highlight(c))
         splitter = QSplitter(Qt.Horizontal)
         splitter.addWidget(self.tabs)
         splitter.addWidget(self.viewer)
@@ -90,10 +154,25 @@ class MainWindow(QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         file_menu.addAction("Open stack...", self.choose_stack)
         file_menu.addAction("Open labels over the stack...", self.choose_labels)
+        self.recent_menu = file_menu.addMenu("Recent stacks")
         file_menu.addAction("Export labels...", self.choose_export)
         file_menu.addSeparator()
+        file_menu.addAction("Load settings (YAML)...", self.choose_load_config)
+        file_menu.addAction("Save settings (YAML)...", self.choose_save_config)
+        file_menu.addSeparator()
         file_menu.addAction("Quit", self.close)
+        settings_menu = self.menuBar().addMenu("&Settings")
+        device_menu = settings_menu.addMenu("Device")
+        self.device_group = QActionGroup(self)
+        for key, text in (("auto", "Automatic (GPU when present)"), ("cpu", "CPU"),
+                          ("cuda", "GPU (CUDA)")):
+            action = QAction(text, self, checkable=True)
+            action.setData(key)
+            self.device_group.addAction(action)
+            device_menu.addAction(action)
+        self.device_group.triggered.connect(lambda a: self.set_device(a.data()))
         help_menu = self.menuBar().addMenu("&Help")
+        help_menu.addAction("Getting started", self.getting_started)
         help_menu.addAction("About EpiSeg", self.about)
 
         self.device_label = QLabel(device_text())
@@ -104,6 +183,82 @@ class MainWindow(QMainWindow):
         self._timer.timeout.connect(lambda: self.memory_label.setText(memory_text()))
         self._timer.start(2000)
         self.resize(1500, 900)
+        self.restore_settings()
+
+    # ------------------------------------------------------------- settings
+    def restore_settings(self) -> None:
+        """Device, viewer preferences and recent files from the last session."""
+        self.set_device(str(self.settings.value("device", "auto")))
+        v = self.viewer
+        v.opacity.setValue(int(self.settings.value("viewer/opacity", v.opacity.value())))
+        v.contours.setChecked(self.settings.value("viewer/contours", False) in (True, "true"))
+        v.opacity.valueChanged.connect(lambda x: self.settings.setValue("viewer/opacity", x))
+        v.contours.toggled.connect(lambda x: self.settings.setValue("viewer/contours", x))
+        self._fill_recent()
+
+    def set_device(self, device: str) -> None:
+        """'auto', 'cpu' or 'cuda' for training and prediction; remembered."""
+        device = device if device in ("auto", "cpu", "cuda") else "auto"
+        self.settings.setValue("device", device)
+        self.train_tab.device = device
+        self.predict_tab.device = device
+        for action in self.device_group.actions():
+            action.setChecked(action.data() == device)
+
+    def recent_files(self) -> List[str]:
+        value = self.settings.value("recent_files", [])
+        return [value] if isinstance(value, str) else list(value or [])
+
+    def remember(self, spec: str) -> None:
+        files = [spec] + [f for f in self.recent_files() if f != spec]
+        self.settings.setValue("recent_files", files[:MAX_RECENT])
+        self.settings.setValue("last_folder", str(split_spec(spec)[0].parent))
+        self._fill_recent()
+
+    def _fill_recent(self) -> None:
+        self.recent_menu.clear()
+        files = self.recent_files()
+        for spec in files:
+            self.recent_menu.addAction(spec, lambda spec=spec: self.open_in_viewer(spec, ""))
+        self.recent_menu.setEnabled(bool(files))
+
+    def choose_load_config(self) -> None:
+        start = self.settings.value("last_config_folder", str(Path.home()))
+        path, _ = QFileDialog.getOpenFileName(self, "Load settings", start, "YAML (*.yaml *.yml)")
+        if path:
+            self.load_config(path)
+
+    def load_config(self, path: str) -> bool:
+        """Load ``path`` into the current tab; a bad file gives a message, nothing changes."""
+        from core.errors import EpiSegError
+
+        tab = self.tabs.currentWidget()
+        try:
+            tab.set_config(load_tab_config(tab, path))
+        except EpiSegError as err:
+            self.show_error(str(err))
+            return False
+        self.settings.setValue("last_config_folder", str(Path(path).parent))
+        self.statusBar().showMessage(f"settings loaded from {path}", 10000)
+        return True
+
+    def choose_save_config(self) -> None:
+        start = self.settings.value("last_config_folder", str(Path.home()))
+        path, _ = QFileDialog.getSaveFileName(self, "Save settings", start, "YAML (*.yaml *.yml)")
+        if path:
+            self.save_config(path)
+
+    def save_config(self, path: str) -> bool:
+        from core.errors import EpiSegError
+
+        try:
+            save_tab_config(self.tabs.currentWidget(), path)
+        except EpiSegError as err:
+            self.show_error(str(err))
+            return False
+        self.settings.setValue("last_config_folder", str(Path(path).parent))
+        self.statusBar().showMessage(f"settings saved to {path}", 10000)
+        return True
 
     # ------------------------------------------------------------- files
     def choose_stack(self) -> None:
@@ -125,6 +280,7 @@ class MainWindow(QMainWindow):
     def open_in_viewer(self, image_spec: str, labels_spec: str = "") -> None:
         """Read a stack (and labels) in the worker thread, then show them."""
         self._image_spec = image_spec
+        self.remember(image_spec)
         self._start_load(load_for_view, image_spec=image_spec, labels_spec=labels_spec or None)
 
     def _start_load(self, fn, **kwargs) -> None:
@@ -144,6 +300,12 @@ class MainWindow(QMainWindow):
             self.viewer.set_labels(labels.data)
         self.statusBar().showMessage(f"{image.name}: {image.shape} {image.data.dtype}, voxel "
                                      f"{image.voxel_size or 'unknown'} um", 10000)
+
+    def show_arrays(self, image, labels, voxel_size) -> None:
+        """Show arrays a tab already holds (e.g. the Evaluate tab's stacks)."""
+        self.viewer.set_image(image, voxel_size)
+        if labels is not None:
+            self.viewer.set_labels(labels)
 
     def choose_export(self) -> None:
         if self.viewer.labels is None:
@@ -171,6 +333,20 @@ class MainWindow(QMainWindow):
         self.last_error = message
         box = QMessageBox(QMessageBox.Critical, "EpiSeg", message, QMessageBox.Ok, self)
         box.open()
+
+    def getting_started(self) -> None:
+        QMessageBox.information(
+            self, "Getting started",
+            "1. Predict: choose a model and your stacks (drag them in), an output folder and "
+            "a format (TIFF for Fiji, .mat for MATLAB); Run. Each result opens in the viewer; "
+            "the flagged cells are the ones to check first.\n"
+            "2. Train: add your stacks with their label stacks (or preprocessed files), choose "
+            "where to save the model; Run. The curves show the loss as it trains; Cancel keeps "
+            "the last finished epoch, and 'Resume' goes on from it.\n"
+            "3. Evaluate: a ground truth and a prediction give the figures and a per-cell table; "
+            "click a row to see that cell.\n"
+            "The viewer: mouse wheel or Page Up/Down move through Z; the side views are XZ "
+            "and YZ at the true voxel size.")
 
     def about(self) -> None:
         import numpy

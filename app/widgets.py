@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QFormLayout, QGroupBox,
-                               QHBoxLayout, QLineEdit, QListWidget, QPushButton, QVBoxLayout,
-                               QWidget)
+                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QListWidget, QPushButton,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 #: File dialog filter for every stack format EpiSeg reads.
 STACK_FILTER = ("Stacks (*.tif *.tiff *.h5 *.hdf5 *.mat *.npy *.npz);;TIFF (*.tif *.tiff);;"
@@ -53,14 +53,20 @@ class PathField(QWidget):
 
 
 class FileList(QWidget):
-    """Several stacks: Add (file dialog), Remove, and drag-and-drop of files."""
+    """Several stacks: Add (file dialog), Remove, and drag-and-drop of files.
+
+    Signals: ``changed()``, ``selected(spec)`` when the user selects an entry.
+    """
 
     changed = Signal()
+    selected = Signal(str)
 
-    def __init__(self, parent: Optional[QWidget] = None):
+    def __init__(self, title: str = "", parent: Optional[QWidget] = None):
         super().__init__(parent)
+        self.title = title
         self.list = QListWidget()
         self.list.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.list.currentTextChanged.connect(lambda t: t and self.selected.emit(t))
         self.setAcceptDrops(True)
         add = QPushButton("Add stacks...")
         add.clicked.connect(self.browse)
@@ -72,6 +78,8 @@ class FileList(QWidget):
         buttons.addStretch(1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        if title:
+            layout.addWidget(QLabel(title))
         layout.addWidget(self.list, 1)
         layout.addLayout(buttons)
 
@@ -84,6 +92,17 @@ class FileList(QWidget):
             if p and p not in have:
                 self.list.addItem(str(p))
                 have.add(p)
+        self.changed.emit()
+
+    def replace(self, old: str, new: str) -> None:
+        """Use ``new`` where ``old`` was (e.g. 'file.h5' -> 'file.h5:raw')."""
+        for i in range(self.list.count()):
+            if self.list.item(i).text() == old:
+                self.list.item(i).setText(new)
+        self.changed.emit()
+
+    def clear(self) -> None:
+        self.list.clear()
         self.changed.emit()
 
     def remove_selected(self) -> None:
@@ -116,3 +135,126 @@ def form_box(title: str, rows) -> QGroupBox:
     box = QGroupBox(title)
     box.setLayout(form)
     return box
+
+
+def looks_like_labels(path: str) -> bool:
+    """A file name that says 'labels' (label, labels, mask, gt, seg), for pairing dropped files."""
+    stem = Path(path.split(":")[0] if not Path(path).exists() else path).stem.lower()
+    return any(w in stem.replace("-", "_").split("_") for w in
+               ("label", "labels", "mask", "masks", "gt", "seg", "segmentation", "cells"))
+
+
+class DataTable(QWidget):
+    """Training or validation volumes: rows of (raw stack, label stack) or a preprocessed .h5.
+
+    Add pairs with a file dialog (raw stacks, then their labels), preprocessed
+    files from the Preprocess tab, or drop files: ``*_preprocessed.h5`` become
+    preprocessed rows, names saying labels/mask/gt pair with the raw stacks in
+    name order. Cells are editable (e.g. to add ``:dataset``).
+    """
+
+    changed = Signal()
+
+    def __init__(self, title: str, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.table = QTableWidget(0, 2)
+        self.table.setHorizontalHeaderLabels(["raw stack or preprocessed .h5", "label stack"])
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.table.verticalHeader().setVisible(False)
+        self.setAcceptDrops(True)
+        add = QPushButton("Add stacks + labels...")
+        add.clicked.connect(self.browse_pairs)
+        prep = QPushButton("Add preprocessed...")
+        prep.clicked.connect(self.browse_preprocessed)
+        remove = QPushButton("Remove")
+        remove.clicked.connect(self.remove_selected)
+        buttons = QHBoxLayout()
+        for b in (add, prep, remove):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(QLabel(title))
+        layout.addWidget(self.table, 1)
+        layout.addLayout(buttons)
+
+    def _add_row(self, first: str, second: str) -> None:
+        r = self.table.rowCount()
+        self.table.insertRow(r)
+        self.table.setItem(r, 0, QTableWidgetItem(first))
+        self.table.setItem(r, 1, QTableWidgetItem(second))
+        self.changed.emit()
+
+    def add_pair(self, raw: str, labels: str) -> None:
+        self._add_row(str(raw), str(labels))
+
+    def add_preprocessed(self, h5: str) -> None:
+        self._add_row(str(h5), PREPROCESSED)
+
+    def add_files(self, paths) -> List[str]:
+        """Pair dropped files; returns those that could not be paired (said in a tooltip)."""
+        paths = sorted(str(p) for p in paths)
+        prep = [p for p in paths if p.lower().endswith(("_preprocessed.h5", "_preprocessed.hdf5"))]
+        rest = [p for p in paths if p not in prep]
+        labels = [p for p in rest if looks_like_labels(p)]
+        raws = [p for p in rest if p not in labels]
+        for p in prep:
+            self.add_preprocessed(p)
+        for raw, lab in zip(raws, labels):
+            self.add_pair(raw, lab)
+        unpaired = raws[len(labels):] + labels[len(raws):]
+        self.setToolTip(("Not paired: " + ", ".join(Path(p).name for p in unpaired)) if unpaired else "")
+        return unpaired
+
+    def rows(self) -> List[Tuple[str, str]]:
+        out = []
+        for r in range(self.table.rowCount()):
+            a, b = self.table.item(r, 0), self.table.item(r, 1)
+            out.append(((a.text() if a else "").strip(), (b.text() if b else "").strip()))
+        return [(a, b) for a, b in out if a]
+
+    def sources(self) -> List[dict]:
+        """Rows as DataSource mappings: {"h5": ...} or {"raw": ..., "labels": ...}."""
+        return [{"h5": a} if b == PREPROCESSED else {"raw": a, "labels": b or None}
+                for a, b in self.rows()]
+
+    def set_sources(self, sources) -> None:
+        self.table.setRowCount(0)
+        for s in sources:
+            if s.h5 is not None:
+                self.add_preprocessed(s.h5)
+            else:
+                self.add_pair(s.raw, s.labels)
+
+    def remove_selected(self) -> None:
+        for r in sorted({i.row() for i in self.table.selectedIndexes()}, reverse=True):
+            self.table.removeRow(r)
+        self.changed.emit()
+
+    def browse_pairs(self) -> None:
+        raws, _ = QFileDialog.getOpenFileNames(self, "Raw stacks", str(Path.home()), STACK_FILTER)
+        if not raws:
+            return
+        labels, _ = QFileDialog.getOpenFileNames(
+            self, f"Their label stacks ({len(raws)}, same order)", str(Path(raws[0]).parent),
+            STACK_FILTER)
+        for raw, lab in zip(sorted(raws), sorted(labels)):
+            self.add_pair(raw, lab)
+
+    def browse_preprocessed(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Preprocessed files", str(Path.home()),
+                                                "Preprocessed (*.h5 *.hdf5)")
+        for p in paths:
+            self.add_preprocessed(p)
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.add_files([u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()])
+        event.acceptProposedAction()
+
+
+#: What the label column says for a preprocessed file (its labels are inside).
+PREPROCESSED = "(inside the preprocessed file)"

@@ -8,6 +8,7 @@ table: a click on a flagged cell moves the viewer to it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -17,7 +18,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QListWidget, QSplit
 
 from app.job_panel import JobPanel
 from app.widgets import FileList, PathField, form_box
-from core.config import from_dict
+from core.config import apply_overrides
 from core.pipeline import FileResult, PredictConfig, predict_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +35,8 @@ class PredictTab(QWidget):
 
     def __init__(self, parent: Optional[QWidget] = None):
         super().__init__(parent)
+        self.base = PredictConfig()
+        self.device = "auto"  # the main window's Settings > Device
         self.results: List[FileResult] = []
         self.model = PathField("open", "EpiSeg models (*.pt);;All files (*)",
                                "a model file written by training")
@@ -76,10 +79,19 @@ class PredictTab(QWidget):
         layout.addWidget(QLabel("Results (select one to view it; click a flagged cell to go to it)"))
         layout.addWidget(results, 2)
 
+    def set_config(self, cfg: PredictConfig) -> None:
+        """Show a config in the form (settings the form lacks are kept for the run)."""
+        self.base = copy.deepcopy(cfg)
+        self.format.setCurrentText(cfg.format)
+        self.tta.setChecked(cfg.tta)
+        self.flags.setChecked(cfg.flags)
+        self.probabilities.setChecked(cfg.save_probabilities)
+
     def config(self) -> PredictConfig:
-        return from_dict(PredictConfig, {
+        """The form's settings on top of the loaded config."""
+        return apply_overrides(self.base, {
             "format": self.format.currentText(), "tta": self.tta.isChecked(),
-            "flags": self.flags.isChecked(),
+            "flags": self.flags.isChecked(), "device": self.device,
             "save_probabilities": self.probabilities.isChecked()}, where="Predict tab")
 
     def problems(self) -> List[str]:

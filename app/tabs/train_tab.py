@@ -8,27 +8,35 @@ batch and keeps the model of the last finished epoch; Resume continues it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import List, Optional
 
 import pyqtgraph as pg
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QSpinBox,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit,
+                               QSpinBox, QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
-from app.widgets import FileList, PathField, form_box
-from core.config import from_dict
+from app.widgets import DataTable, PathField, form_box
+from core.config import apply_overrides
+from core.errors import EpiSegError
 from core.jobs import ProgressEvent
 from core.train import TrainConfig, train
 
 
 class TrainTab(QWidget):
-    """Signal-free: the model file is written where the user chose (``out``)."""
+    """Signal-free: the model file is written where the user chose (``out``).
+
+    The form edits a :class:`TrainConfig` (``set_config`` / ``config``); settings a
+    loaded YAML file holds beyond the form are kept for the run.
+    """
 
     def __init__(self, parent: Optional[QWidget] = None):
         super().__init__(parent)
-        self.raws = FileList()
-        self.labels = FileList()
+        self.base = TrainConfig()
+        self.device = "auto"  # the main window's Settings > Device
+        self.train_data = DataTable("Training data")
+        self.val_data = DataTable("Validation data (optional: else a share of the training data)")
         self.preset = QComboBox()
         self.preset.addItems(["small", "standard"])
         self.preset.setToolTip("small: fast on a CPU; standard: 4 levels, 32 features (GPU)")
@@ -51,16 +59,19 @@ class TrainTab(QWidget):
         self.minutes.setSuffix(" min")
         self.amp = QComboBox()
         self.amp.addItems(["auto", "on", "off"])
+        self.amp.setToolTip("Mixed precision on a GPU (auto: on with CUDA, off on the CPU)")
+        self.patch = QLineEdit()
+        self.patch.setPlaceholderText("automatic (from the memory); or z, y, x voxels")
         self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")
         self.out = PathField("save", "EpiSeg models (*.pt)", "where the model is saved")
         self.resume = QCheckBox("Resume the run saved in this model file")
 
         data = QHBoxLayout()
-        data.addWidget(self.raws)
-        data.addWidget(self.labels)
+        data.addWidget(self.train_data, 3)
+        data.addWidget(self.val_data, 2)
         box = form_box("Train a 3D U-Net", [
-            ("Raw stacks | label stacks (same order)", data), ("Model size", self.preset),
-            ("Target", self.target), ("Loss", self.loss), ("Augmentation", self.augment),
+            ("Model size", self.preset), ("Target", self.target), ("Loss", self.loss),
+            ("Augmentation", self.augment), ("Patch size", self.patch),
             ("Epochs", self.epochs), ("Batches per epoch", self.iterations),
             ("Time budget", self.minutes), ("Mixed precision", self.amp),
             ("Fine-tune", self.init), ("Save model as", self.out), ("", self.resume)])
@@ -89,6 +100,7 @@ class TrainTab(QWidget):
         self.panel.progress.connect(self.on_progress)
 
         layout = QVBoxLayout(self)
+        layout.addLayout(data, 1)
         layout.addWidget(box)
         layout.addLayout(plots, 2)
         layout.addWidget(self.panel, 1)
@@ -104,27 +116,50 @@ class TrainTab(QWidget):
         for c in (self.iter_curve, self.train_curve, self.val_curve, self.ap_curve):
             c.setData([], [])
 
+    def set_config(self, cfg: TrainConfig) -> None:
+        """Show a config in the form (settings the form lacks are kept for the run)."""
+        self.base = copy.deepcopy(cfg)
+        self.train_data.set_sources(cfg.data.train)
+        self.val_data.set_sources(cfg.data.val)
+        self.preset.setCurrentText(cfg.model.preset)
+        self.target.setCurrentText(cfg.target or "all")
+        self.loss.setCurrentText(cfg.loss.name)
+        self.augment.setCurrentText(cfg.augment.level)
+        self.patch.setText(", ".join(str(v) for v in cfg.patch_size) if cfg.patch_size else "")
+        self.epochs.setValue(cfg.epochs)
+        self.iterations.setValue(cfg.iterations_per_epoch)
+        self.minutes.setValue(cfg.max_minutes or 0)
+        self.amp.setCurrentText(cfg.amp)
+
     def config(self) -> TrainConfig:
-        pairs = [{"raw": r, "labels": l} for r, l in zip(self.raws.paths(), self.labels.paths())]
-        return from_dict(TrainConfig, {
-            "data": {"train": pairs},
-            "model": {"preset": self.preset.currentText()},
+        """The form's settings on top of the loaded config (ConfigError names the field)."""
+        cfg = copy.deepcopy(self.base)
+        cfg.data.train, cfg.data.val = [], []
+        cfg.patch_size = cfg.max_minutes = None
+        return apply_overrides(cfg, {
+            "data.train": self.train_data.sources(),
+            "data.val": self.val_data.sources(),
+            "model.preset": self.preset.currentText(),
             "target": None if self.init.text() else self.target.currentText(),
-            "loss": {"name": self.loss.currentText()},
-            "augment": {"level": self.augment.currentText()},
+            "loss.name": self.loss.currentText(),
+            "augment.level": self.augment.currentText(),
+            "patch_size": self.patch.text().strip() or None,
             "epochs": self.epochs.value(),
             "iterations_per_epoch": self.iterations.value(),
             "max_minutes": self.minutes.value() or None,
             "amp": self.amp.currentText(),
+            "device": self.device,
         }, where="Train tab")
 
     def problems(self) -> List[str]:
         out = []
-        if not self.raws.paths():
-            out.append("Add at least one raw stack and its label stack.")
-        elif len(self.raws.paths()) != len(self.labels.paths()):
-            out.append(f"{len(self.raws.paths())} raw stacks but {len(self.labels.paths())} label "
-                       "stacks: give one label stack per raw stack, in the same order.")
+        rows = self.train_data.rows()
+        if not rows:
+            out.append("Add training data: raw stacks with their label stacks, or files from "
+                       "the Preprocess tab.")
+        for raw, lab in rows + self.val_data.rows():
+            if not lab:
+                out.append(f"{raw} has no label stack: add one in its row.")
         if not self.out.text():
             out.append("Choose where to save the model.")
         if self.resume.isChecked() and self.out.text() and not Path(self.out.text()).exists():
@@ -133,12 +168,16 @@ class TrainTab(QWidget):
 
     def run(self) -> None:
         problems = self.problems()
+        try:
+            cfg = self.config() if not problems else None
+        except EpiSegError as err:
+            problems.append(str(err))
         if problems:
             self.panel.show_problem(" ".join(problems))
             return
         if not self.resume.isChecked():
             self.reset_curves()
-        self.panel.start(train, config=self.config(), out_path=Path(self.out.text()),
+        self.panel.start(train, config=cfg, out_path=Path(self.out.text()),
                          resume=self.resume.isChecked(), init=self.init.text() or None)
 
     def on_progress(self, event: ProgressEvent) -> None:

@@ -24,8 +24,8 @@ def setup_tab(qtbot, stacks, out):
     raws, labels, _ = stacks
     tab = TrainTab()
     qtbot.addWidget(tab)
-    tab.raws.add(raws)
-    tab.labels.add(labels)
+    assert tab.train_data.add_files(labels + raws) == []  # paired by their names
+    assert tab.train_data.rows() == list(zip(raws, labels))
     tab.out.setText(str(out))
     tab.epochs.setValue(2)
     tab.iterations.setValue(3)
@@ -66,9 +66,33 @@ def test_cancel_mid_training_keeps_a_model_and_the_tab_lives_on(qtbot, stacks):
     assert tab.panel.run_button.isEnabled()
 
 
-def test_mismatched_lists_are_explained_before_anything_runs(qtbot, stacks):
+def test_missing_labels_and_bad_settings_are_explained_before_anything_runs(qtbot, stacks):
     tab = setup_tab(qtbot, stacks, Path(stacks[2]) / "x.pt")
-    tab.labels.list.takeItem(0)
+    tab.train_data.table.item(0, 1).setText("")
     tab.panel.run_button.click()
-    assert "2 raw stacks but 1 label stacks" in tab.panel.last_error
+    assert "has no label stack" in tab.panel.last_error and stacks[0][0] in tab.panel.last_error
     assert not tab.panel.is_running()
+    tab.train_data.table.item(0, 1).setText(stacks[1][0])
+    tab.patch.setText("16, 64")
+    tab.panel.run_button.click()
+    assert "patch_size" in tab.panel.last_error and not tab.panel.is_running()
+
+
+def test_settings_round_trip_through_a_config(qtbot, stacks, tmp_path):
+    from core.config import save_yaml
+    from core.train import load_train_config
+
+    tab = setup_tab(qtbot, stacks, tmp_path / "m.pt")
+    tab.val_data.add_pair(stacks[0][1], stacks[1][1])
+    tab.loss.setCurrentText("dice")
+    tab.patch.setText("8, 32, 32")
+    cfg = tab.config()
+    cfg.optimizer.lr = 0.001  # not on the form: kept through the tab
+    save_yaml(tmp_path / "t.yaml", cfg)
+    other = TrainTab()
+    qtbot.addWidget(other)
+    other.set_config(load_train_config(tmp_path / "t.yaml"))
+    assert other.train_data.rows() == tab.train_data.rows()
+    assert other.val_data.sources() == [{"raw": stacks[0][1], "labels": stacks[1][1]}]
+    assert other.loss.currentText() == "dice" and other.patch.text() == "8, 32, 32"
+    assert other.config().optimizer.lr == 0.001
