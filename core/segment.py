@@ -7,8 +7,13 @@ Cells are recovered in three steps:
 
 1. **Seeds**: connected components of the confident cell interiors
    (``cell_prob > seed_threshold``, or ``boundary_prob < seed_threshold`` for
-   boundary-only models), optionally eroded to break thin bridges, with tiny
-   seeds dropped. The gaps of the target keep neighbouring seeds apart.
+   boundary-only models), with tiny seeds dropped. The gaps of the target
+   keep neighbouring seeds apart; thin bridges left between cells are cut by
+   erosion. The default ``cascade`` erodes each piece step by step up to
+   ``seed_erosion_um`` and keeps, for every piece, the deepest level at which
+   it is still whole or splits: large cells joined by a bridge get one seed
+   each, and a small cell that a deep erosion would erase keeps its seed, so
+   one setting holds for small and large cells (docs/accuracy.md).
 2. **Tissue mask**: the network's tissue channel where it has one (target
    ``all``); otherwise the cell voxels with the thin gaps between cells closed
    again, while the lumen and the outside stay background (0).
@@ -48,11 +53,14 @@ class SegmentParams:
         (for boundary-only models: boundary probability *below* which).
     seed_max_boundary: with a boundary channel, seeds also need a boundary
         probability below this.
-    seed_erosion_um: erode seeds by this radius first to cut thin bridges (0: off).
-    seed_method: ``interior``: one seed per connected piece of the (eroded)
-        confident interior; ``distance``: pieces of the interior are also cut
-        between the maxima of their distance map (splits cells joined by a
-        neck; no erosion).
+    seed_erosion_um: ``cascade``: the deepest erosion (um) tried to cut a piece
+        of interior into cells; ``interior``: erode seeds by this radius (0: off).
+    seed_method: ``cascade`` (default): erosions 0, 0.6, 1, 1.5 ... up to
+        ``seed_erosion_um``; a piece gets the pieces of its deepest level that
+        still has any, and keeps itself when every erosion erases it (small
+        cells); ``interior``: one seed per connected piece of the interior
+        eroded by ``seed_erosion_um``; ``distance``: pieces of the interior are
+        cut between the maxima of their distance map (no erosion).
     seed_h_um: ``distance`` seeds: how far (um) a maximum must rise above its
         surroundings.
     gap_closing_vox: radius in voxels of the closing that puts the gaps between
@@ -68,9 +76,9 @@ class SegmentParams:
     tissue_threshold: float = 0.5
     seed_threshold: float = 0.6
     seed_max_boundary: float = 0.2
-    seed_erosion_um: float = 1.0
+    seed_erosion_um: float = 2.0
     gap_closing_vox: int = 2
-    seed_method: Literal["interior", "distance"] = "interior"
+    seed_method: Literal["cascade", "interior", "distance"] = "cascade"
     seed_h_um: float = 0.45
     min_seed_size_um3: float = 5.0
     min_cell_size_um3: float = 20.0
@@ -83,8 +91,9 @@ class SegmentParams:
                 raise ConfigError(
                     f"segment.{key} = {value}: must be a probability strictly between 0 and 1."
                 )
-        if self.seed_method not in ("interior", "distance"):
-            raise ConfigError(f"segment.seed_method = {self.seed_method!r}: use interior or distance.")
+        if self.seed_method not in ("cascade", "interior", "distance"):
+            raise ConfigError(f"segment.seed_method = {self.seed_method!r}: use cascade, interior "
+                              "or distance.")
         for key in ("seed_erosion_um", "seed_h_um", "gap_closing_vox", "min_seed_size_um3",
                     "min_cell_size_um3"):
             if getattr(self, key) < 0:
@@ -263,6 +272,84 @@ def split_by_distance(interior: np.ndarray, voxel_size: Sequence[float], h_um: f
     return out, n_seeds
 
 
+def cascade_levels(max_erosion_um: float) -> Tuple[float, ...]:
+    """Erosion radii (um) of :func:`cascade_seeds`: 0, 0.6, 1, 1.5, 2, ... up to the maximum."""
+    steps = [0.6] + [1.0 + 0.5 * k for k in range(int(max(0.0, max_erosion_um) * 2) + 1)]
+    return (0.0,) + tuple(e for e in steps if e < max_erosion_um - 1e-9) + (
+        (float(max_erosion_um),) if max_erosion_um > 0 else ())
+
+
+def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion_um: float,
+                  min_size_um3: float = 0.0, *, cancel: CancelFlag = None
+                  ) -> Tuple[np.ndarray, int]:
+    """Seeds that adapt to the cell size: pieces of a boolean ZYX ``interior``, cut by erosion.
+
+    Each connected piece is eroded in its own bounding box by every radius of
+    :func:`cascade_levels` (um, ellipsoids from the voxel size), deepest first;
+    the pieces of a level that hold no seed of a deeper level become seeds
+    (when at least ``min_size_um3``). So two cells joined by a bridge narrower
+    than the deepest erosion get one seed each, while a cell too small for that
+    erosion keeps the seed of the deepest level it survives. The stack's faces
+    do not erode (a cell cut by them keeps its seed). Memory: the pieces and
+    the seeds (uint16 when they fit) plus one bounding box at a time.
+    Returns (seeds 1..n, n).
+    """
+    vs = tuple(float(v) for v in voxel_size)
+    voxel_um3 = float(np.prod(vs))
+    footprints = [fp for fp in (ball_um(e, vs) for e in cascade_levels(max_erosion_um)[1:])
+                  if fp is not None]
+    radius = [max([fp.shape[a] // 2 for fp in footprints] + [0]) for a in range(3)]
+    pieces, n = _label_compact(interior)
+    out = np.zeros(interior.shape, dtype=np.uint16 if n < 16384 else np.uint32)
+    next_id = 1
+    structure = np.ones((3, 3, 3), bool)
+    for i, sl in enumerate(ndi.find_objects(pieces), start=1):
+        if sl is None:
+            continue
+        mask = pieces[sl] == i
+        if mask.sum() * voxel_um3 < min_size_um3:
+            continue
+        # zeros around the box except at the stack's faces, where the piece goes on
+        pad = [(0 if s.start == 0 else r, 0 if s.stop == n_ax else r)
+               for s, r, n_ax in zip(sl, radius, interior.shape)]
+        padded = np.pad(mask, pad)
+        local = np.zeros(padded.shape, np.int32)
+        k = 0
+        for fp in reversed(footprints):
+            eroded = ndi.binary_erosion(padded, structure=fp, border_value=1)
+            comp, m = ndi.label(eroded, structure=structure)
+            if m == 0:
+                continue
+            has = np.zeros(m + 1, bool)
+            has[np.unique(comp[local > 0])] = True
+            big = np.bincount(comp.ravel(), minlength=m + 1) * voxel_um3 >= min_size_um3
+            new = ~has & big
+            new[0] = False
+            ids = np.flatnonzero(new)
+            if len(ids):
+                lut = np.zeros(m + 1, np.int32)
+                lut[ids] = np.arange(k + 1, k + 1 + len(ids))
+                add = lut[comp]
+                local = np.where(add > 0, add, local)
+                k += len(ids)
+        if k == 0:  # every erosion erased it: the piece itself is one small cell's seed
+            local = padded.astype(np.int32)
+            k = 1
+        inner = tuple(slice(a, local.shape[d] - b) for d, (a, b) in enumerate(pad))
+        local = local[inner]
+        if next_id + k > np.iinfo(out.dtype).max:
+            out = out.astype(np.uint32)
+        view = out[sl]
+        view[local > 0] = local[local > 0] + (next_id - 1)
+        next_id += k
+        if i % 256 == 0:
+            check_cancelled(cancel, "Cell segmentation")
+    n_seeds = next_id - 1
+    if n_seeds < 65536 and out.dtype != np.uint16:
+        out = out.astype(np.uint16)
+    return out, n_seeds
+
+
 def _label_compact(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     """Connected components (26-connectivity) as uint16 when the count allows it.
 
@@ -335,6 +422,9 @@ def cells_from_probabilities(
         tissue = None
     if params.seed_method == "distance":
         seeds, n_seeds = split_by_distance(interior, voxel_size, params.seed_h_um, cancel=cancel)
+    elif params.seed_method == "cascade":
+        seeds, n_seeds = cascade_seeds(interior, voxel_size, params.seed_erosion_um,
+                                       params.min_seed_size_um3, cancel=cancel)
     else:
         footprint = ball_um(params.seed_erosion_um, voxel_size)
         if footprint is not None:  # erode here so the un-eroded mask is freed before labelling

@@ -208,3 +208,39 @@ def test_distance_seeds_in_slabs_equal_one_block(monkeypatch):
     slabs = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params)
     assert n_cells(slabs) == n_cells(whole)
     assert np.count_nonzero(slabs != whole) < 1e-3 * whole.size
+
+
+def test_cascade_seeds_split_large_cells_and_keep_small_ones():
+    """One setting for all sizes: two large cells joined by a bridge are cut by the deep
+    erosion, a small cell the deep erosion would erase keeps its seed, and a sliver cut
+    by the stack face keeps its seed too."""
+    shape = (24, 60, 120)
+    zz, yy, xx = np.indices(shape)
+    big_a = (zz - 12) ** 2 + (yy - 30) ** 2 + (xx - 25) ** 2 <= 10 ** 2
+    big_b = (zz - 12) ** 2 + (yy - 30) ** 2 + (xx - 60) ** 2 <= 10 ** 2
+    bridge = (abs(zz - 12) <= 1) & (abs(yy - 30) <= 1) & (xx > 25) & (xx < 60)
+    small = (zz - 12) ** 2 + (yy - 30) ** 2 + (xx - 95) ** 2 <= 3 ** 2
+    sliver = (xx < 2) & (abs(zz - 12) <= 6) & (abs(yy - 10) <= 6)
+    cell = (big_a | big_b | bridge | small | sliver).astype(np.float32)
+    boundary = np.zeros(shape, np.float32)
+    common = dict(voxel_size=(1, 1, 1), tissue_prob=cell)
+    tiny = dict(min_seed_size_um3=1, min_cell_size_um3=1)
+    cascade = cells_from_probabilities(cell, boundary, **common,
+                                       params=SegmentParams(seed_erosion_um=4, **tiny))
+    deep = cells_from_probabilities(cell, boundary, **common,
+                                    params=SegmentParams(seed_method="interior",
+                                                         seed_erosion_um=4, **tiny))
+    shallow = cells_from_probabilities(cell, boundary, **common,
+                                       params=SegmentParams(seed_method="interior",
+                                                            seed_erosion_um=1, **tiny))
+    centres = [(12, 30, 25), (12, 30, 60), (12, 30, 95), (12, 10, 0)]
+    assert len({int(cascade[c]) for c in centres}) == 4 and n_cells(cascade) == 4
+    assert int(deep[12, 30, 95]) == 0  # a fixed deep erosion loses the small cell
+    assert int(shallow[12, 30, 25]) == int(shallow[12, 30, 60])  # the bridge survives 1 voxel
+
+
+def test_cascade_levels_reach_the_deepest_erosion():
+    from core.segment import cascade_levels
+
+    assert cascade_levels(2.0) == (0.0, 0.6, 1.0, 1.5, 2.0)
+    assert cascade_levels(0.0) == (0.0,)
