@@ -66,6 +66,8 @@ class FileList(QWidget):
         self.title = title
         self.list = QListWidget()
         self.list.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.list.setTextElideMode(Qt.ElideLeft)  # the file name stays visible
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.list.currentTextChanged.connect(lambda t: t and self.selected.emit(t))
         self.setAcceptDrops(True)
         add = QPushButton("Add stacks...")
@@ -91,6 +93,7 @@ class FileList(QWidget):
         for p in paths:
             if p and p not in have:
                 self.list.addItem(str(p))
+                self.list.item(self.list.count() - 1).setToolTip(str(p))
                 have.add(p)
         self.changed.emit()
 
@@ -127,13 +130,17 @@ def set_checked(widget, value: bool) -> None:
     widget.setCheckState(Qt.Checked if value else Qt.Unchecked)
 
 
-def form_box(title: str, rows) -> QGroupBox:
-    """A titled group of labelled rows: ``rows`` are (label, widget or layout) pairs."""
-    form = QFormLayout()
-    for label, field in rows:
-        form.addRow(label, field)
+def form_box(title: str, rows, *more_columns) -> QGroupBox:
+    """A titled group of labelled rows: ``rows`` are (label, widget or layout) pairs;
+    each of ``more_columns`` (more such lists) is a column beside the first."""
+    columns = QHBoxLayout()
+    for column in (rows,) + more_columns:
+        form = QFormLayout()
+        for label, field in column:
+            form.addRow(label, field)
+        columns.addLayout(form, 1)
     box = QGroupBox(title)
-    box.setLayout(form)
+    box.setLayout(columns)
     return box
 
 
@@ -161,6 +168,9 @@ class DataTable(QWidget):
         self.table.setHorizontalHeaderLabels(["raw stack or preprocessed .h5", "label stack"])
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.table.verticalHeader().setVisible(False)
+        self.table.setTextElideMode(Qt.ElideLeft)
+        self.table.setWordWrap(False)
+        self.table.setMinimumHeight(110)
         self.setAcceptDrops(True)
         add = QPushButton("Add stacks + labels...")
         add.clicked.connect(self.browse_pairs)

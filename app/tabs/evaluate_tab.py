@@ -42,6 +42,10 @@ FIGURES = (
     ("mean_matched_iou", "mean matched IoU", "IoU of the matched cells, averaged"),
 )
 OVERLAYS = ("prediction", "ground truth")
+#: Per-cell table columns, in the order shown (all of core.metrics.CELL_COLUMNS).
+SHOWN_COLUMNS = ("gt_id", "status", "iou", "pred_id", "gt_size", "pred_size", "overlap",
+                 "n_covering", "matched", "split", "merged")
+assert sorted(SHOWN_COLUMNS) == sorted(CELL_COLUMNS)
 
 
 class EvaluateTab(QWidget):
@@ -76,8 +80,8 @@ class EvaluateTab(QWidget):
         self.figures.setHorizontalHeaderLabels(["figure", "value", "meaning"])
         self.figures.setEditTriggers(QTableWidget.NoEditTriggers)
         self.figures.horizontalHeader().setStretchLastSection(True)
-        self.cells = QTableWidget(0, len(CELL_COLUMNS))
-        self.cells.setHorizontalHeaderLabels(list(CELL_COLUMNS))
+        self.cells = QTableWidget(0, len(SHOWN_COLUMNS))
+        self.cells.setHorizontalHeaderLabels(list(SHOWN_COLUMNS))
         self.cells.setSortingEnabled(True)
         self.cells.setEditTriggers(QTableWidget.NoEditTriggers)
         self.cells.setSelectionBehavior(QTableWidget.SelectRows)
@@ -93,16 +97,21 @@ class EvaluateTab(QWidget):
         row.addWidget(self.show_overlay)
         row.addStretch(1)
         row.addWidget(self.save_button)
+        cells = QWidget()
+        cells_layout = QVBoxLayout(cells)
+        cells_layout.setContentsMargins(0, 0, 0, 0)
+        cells_layout.addWidget(QLabel("Per cell (click a row to go to the cell; click a heading "
+                                      "to sort)"))
+        cells_layout.addWidget(self.cells)
         tables = QSplitter(Qt.Vertical)
         tables.addWidget(self.figures)
-        tables.addWidget(self.cells)
+        tables.addWidget(cells)
 
         layout = QVBoxLayout(self)
         layout.addWidget(form)
         layout.addWidget(self.panel, 1)
         layout.addLayout(row)
-        layout.addWidget(QLabel("Per cell (click a row to go to the cell; sort by any column)"))
-        layout.addWidget(tables, 3)
+        layout.addWidget(tables, 4)
 
     def problems(self):
         out = []
@@ -136,7 +145,7 @@ class EvaluateTab(QWidget):
         self.cells.setSortingEnabled(False)
         self.cells.setRowCount(len(ev.result.cells))
         for i, row in enumerate(ev.result.cells):
-            for j, key in enumerate(CELL_COLUMNS):
+            for j, key in enumerate(SHOWN_COLUMNS):
                 value = row.get(key)
                 item = QTableWidgetItem()
                 if isinstance(value, (bool, np.bool_)):
@@ -148,6 +157,7 @@ class EvaluateTab(QWidget):
                     item.setData(Qt.DisplayRole, "" if value is None else str(value))
                 self.cells.setItem(i, j, item)
         self.cells.setSortingEnabled(True)
+        self.cells.sortItems(SHOWN_COLUMNS.index("iou"), Qt.AscendingOrder)  # worst cells first
         self.save_button.setEnabled(True)
         image = ev.image.data if ev.image is not None else (np.asarray(ev.gt.data) > 0).astype(np.uint8)
         voxel = (ev.image.voxel_size if ev.image is not None and ev.image.voxel_size
@@ -167,8 +177,8 @@ class EvaluateTab(QWidget):
     def _cell_clicked(self, row: int, _col: int) -> None:
         """Go to the cell of this row in the labels shown (GT id, or the predicted id)."""
         key = "gt_id" if self.show_overlay.currentText() == "ground truth" else "pred_id"
-        item = self.cells.item(row, CELL_COLUMNS.index(key))
-        other = self.cells.item(row, CELL_COLUMNS.index("pred_id" if key == "gt_id" else "gt_id"))
+        item = self.cells.item(row, SHOWN_COLUMNS.index(key))
+        other = self.cells.item(row, SHOWN_COLUMNS.index("pred_id" if key == "gt_id" else "gt_id"))
         for it in (item, other):
             value = it.data(Qt.DisplayRole) if it is not None else None
             if isinstance(value, int) and value > 0:

@@ -71,9 +71,12 @@ class TrainTab(QWidget):
         data.addWidget(self.val_data, 2)
         box = form_box("Train a 3D U-Net", [
             ("Model size", self.preset), ("Target", self.target), ("Loss", self.loss),
-            ("Augmentation", self.augment), ("Patch size", self.patch),
+            ("Augmentation", self.augment), ("Mixed precision", self.amp),
+        ], [
             ("Epochs", self.epochs), ("Batches per epoch", self.iterations),
-            ("Time budget", self.minutes), ("Mixed precision", self.amp),
+            ("Time budget", self.minutes), ("Patch size", self.patch),
+        ])
+        files = form_box("Model file", [
             ("Fine-tune", self.init), ("Save model as", self.out), ("", self.resume)])
 
         self.plot = pg.PlotWidget(title="loss")
@@ -102,6 +105,7 @@ class TrainTab(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(data, 1)
         layout.addWidget(box)
+        layout.addWidget(files)
         layout.addLayout(plots, 2)
         layout.addWidget(self.panel, 1)
         self.reset_curves()
