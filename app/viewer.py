@@ -16,8 +16,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QGridLayout, QHBoxLayout, QLabel, QPushButton,
-                               QSlider, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
+                               QPushButton, QSlider, QVBoxLayout, QWidget)
 
 #: Distinct colours for cell ids (id % 255 + 1); id 0 is transparent.
 _PALETTE = np.zeros((256, 4), np.uint8)
@@ -171,7 +171,16 @@ class VolumeViewer(QWidget):
         self.contours = QCheckBox("Outlines only")
         self.contours.toggled.connect(lambda _: self._refresh_overlays())
         self.auto_button = QPushButton("Auto contrast")
+        self.auto_button.setToolTip("Display range from the 1st to the 99.5th percentile")
         self.auto_button.clicked.connect(self.auto_contrast)
+        self.low, self.high = QDoubleSpinBox(), QDoubleSpinBox()
+        for box, tip in ((self.low, "darkest shown value"), (self.high, "brightest shown value")):
+            box.setRange(-1e9, 1e9)
+            box.setDecimals(2)
+            box.setKeyboardTracking(False)
+            box.setToolTip(f"Manual contrast: {tip}")
+            box.setMaximumWidth(90)
+            box.valueChanged.connect(lambda _: self.set_levels(self.low.value(), self.high.value()))
 
         side = QVBoxLayout()
         side.addWidget(self.xz, 1)
@@ -188,6 +197,9 @@ class VolumeViewer(QWidget):
         controls.addWidget(QLabel("opacity"))
         controls.addWidget(self.opacity)
         controls.addWidget(self.contours)
+        controls.addWidget(QLabel("contrast"))
+        controls.addWidget(self.low)
+        controls.addWidget(self.high)
         controls.addWidget(self.auto_button)
         layout = QVBoxLayout(self)
         layout.addLayout(views, 1)
@@ -214,6 +226,7 @@ class VolumeViewer(QWidget):
         self.slider.setMaximum(nz - 1)
         self.slider.blockSignals(False)
         self.levels = auto_levels(image)
+        self._show_levels()
         self.set_z(nz // 2, force=True)
         for view in (self.xy, self.xz, self.yz):
             view.plot.autoRange()
@@ -229,11 +242,19 @@ class VolumeViewer(QWidget):
     def set_levels(self, low: float, high: float) -> None:
         """Manual contrast (display range in image values)."""
         self.levels = (float(low), float(max(high, low + 1e-6)))
+        self._show_levels()
         self._refresh_images()
+
+    def _show_levels(self) -> None:
+        for box, value in zip((self.low, self.high), self.levels):
+            box.blockSignals(True)
+            box.setValue(value)
+            box.blockSignals(False)
 
     def auto_contrast(self) -> None:
         if self.image is not None:
             self.levels = auto_levels(self.image)
+            self._show_levels()
             self._refresh_images()
 
     def highlight(self, cell_id: Optional[int], go_to: bool = True) -> None:
@@ -270,8 +291,9 @@ class VolumeViewer(QWidget):
             self.slider.blockSignals(False)
         if changed or force:
             self.z_label.setText(f"z {z + 1}/{self.image.shape[0]}")
-            self._refresh_images()
-            self._refresh_overlays()
+            which = ("xy", "xz", "yz") if force else ("xy",)  # XZ / YZ do not change with z
+            self._refresh_images(which)
+            self._refresh_overlays(which)
             self.slice_changed.emit(z)
 
     def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt name)
@@ -283,13 +305,16 @@ class VolumeViewer(QWidget):
             super().keyPressEvent(event)
 
     # ------------------------------------------------------------- drawing
-    def _slices(self, a: np.ndarray):
-        return (np.asarray(a[self.z]), np.asarray(a[:, self.y, :]), np.asarray(a[:, :, self.x]))
+    def _slices(self, a: np.ndarray, which=("xy", "xz", "yz")):
+        """(view, 2D slice) for the views named in ``which``: only those slices are read."""
+        take = {"xy": lambda: a[self.z], "xz": lambda: a[:, self.y, :], "yz": lambda: a[:, :, self.x]}
+        views = {"xy": self.xy, "xz": self.xz, "yz": self.yz}
+        return [(views[k], np.asarray(take[k]())) for k in which]
 
-    def _refresh_images(self) -> None:
+    def _refresh_images(self, which=("xy", "xz", "yz")) -> None:
         if self.image is None:
             return
-        for view, sl in zip((self.xy, self.xz, self.yz), self._slices(self.image)):
+        for view, sl in self._slices(self.image, which):
             view.image.setImage(sl, levels=self.levels, autoLevels=False)
         vz, vy, vx = self.voxel_size
         self.xy.hline.setPos(self.y * vy)
@@ -299,14 +324,13 @@ class VolumeViewer(QWidget):
         self.yz.hline.setPos(self.z * vz)
         self.yz.vline.setPos(self.y * vy)
 
-    def _refresh_overlays(self) -> None:
-        views = (self.xy, self.xz, self.yz)
+    def _refresh_overlays(self, which=("xy", "xz", "yz")) -> None:
         if self.labels is None or not self.show_labels.isChecked():
-            for v in views:
+            for v in (self.xy, self.xz, self.yz):
                 v.overlay.clear()
             return
         op = self.opacity.value() / 100.0
-        for view, sl in zip(views, self._slices(self.labels)):
+        for view, sl in self._slices(self.labels, which):
             view.overlay.setImage(label_rgba(sl, op, self.contours.isChecked(), self.highlighted),
                                   autoLevels=False)
 
@@ -334,8 +358,8 @@ class VolumeViewer(QWidget):
         if idx is None:
             return
         self.y, self.x = idx[1], idx[2]
-        self._refresh_images()
-        self._refresh_overlays()
+        self._refresh_images(("xz", "yz"))
+        self._refresh_overlays(("xz", "yz"))
         cell = int(self.labels[idx]) if self.labels is not None else 0
         self.cell_clicked.emit(cell)
 

@@ -155,10 +155,13 @@ def make_data(args, out: Path) -> Dict[str, Any]:
     """
     data = out / "data"
     train_pairs = []
-    for i in range(args.n_train + 1):  # difficulty levels take turns
+    sizes = args.train_cells_around or [args.cells_around]
+    for i in range(args.n_train + 1):  # difficulty levels (and cell sizes) take turns
         level = args.train_difficulties[i % len(args.train_difficulties)]
-        train_pairs += _synth(data / "train", f"train{i}_{level}", args.train_seed + i,
-                              SynthParams.for_difficulty(level, cells_around=args.cells_around),
+        around = sizes[i % len(sizes)] if i < args.n_train else args.cells_around
+        tag = f"_c{around:g}" if args.train_cells_around and i < args.n_train else ""
+        train_pairs += _synth(data / "train", f"train{i}_{level}{tag}", args.train_seed + i,
+                              SynthParams.for_difficulty(level, cells_around=around),
                               args.shape)
     tests = []
     for k, level in enumerate(args.levels):
@@ -344,7 +347,7 @@ def run_set(label: str, data: Dict[str, Any], variants: Sequence[str], minutes: 
             results[variant] = {"rows": rows, "mean": summarise(rows), "segment": params,
                                 "train_minutes": 0.0}
         else:
-            model_path = out / "models" / f"{label}_{variant}.pt"
+            model_path = out / "models" / f"{label}_{variant}{args.data_tag}.pt"
             model_path.parent.mkdir(parents=True, exist_ok=True)
             facts = train_variant(variant, data, model_path, minutes, args)
             model, info = load_model_for_inference(model_path, "cpu")
@@ -380,6 +383,11 @@ def main(argv=None) -> int:
                          "test levels (the shifted level has its own)")
     ap.add_argument("--levels", type=lambda s: s.split(","), default=list(TEST_LEVELS),
                     help="test levels: " + ", ".join(TEST_LEVELS))
+    ap.add_argument("--train-cells-around", type=lambda s: [float(v) for v in s.split(",")],
+                    default=None,
+                    help="cell sizes the training stacks take in turn (cells around the tube, "
+                         "e.g. 9,11,14,16); default: --cells-around for all. The validation "
+                         "and test stacks do not change.")
     ap.add_argument("--train-difficulties", type=lambda s: s.split(","), default=["medium", "hard"],
                     help="difficulty levels the training stacks take in turn")
     ap.add_argument("--train-seed", type=int, default=100)
@@ -393,6 +401,8 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    args.data_tag = ("_mixed" + "-".join(f"{v:g}" for v in args.train_cells_around)
+                     if args.train_cells_around else "")
     args.out.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {"settings": {k: (list(v) if isinstance(v, tuple) else str(v)
                                                if isinstance(v, Path) else v)
@@ -411,9 +421,10 @@ def main(argv=None) -> int:
             report["real"] = run_set("real", real, rv, args.real_minutes, args, args.out)
             md.append(markdown(report["real"], f"Real sample_patch.h5, test part ({args.real_minutes:g} min)"))
             print_summary(report["real"], "real")
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2, default=float))
-    (args.out / "quality.md").write_text("\n".join(md))
-    print(f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality.md'}")
+    name = f"quality{args.data_tag}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2, default=float))
+    (args.out / f"{name}.md").write_text("\n".join(md))
+    print(f"\nwrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
     return 0
 
 

@@ -75,7 +75,7 @@ class SegmentParams:
     cell_threshold: float = 0.5
     tissue_threshold: float = 0.5
     seed_threshold: float = 0.6
-    seed_max_boundary: float = 0.2
+    seed_max_boundary: float = 0.4
     seed_erosion_um: float = 2.0
     gap_closing_vox: int = 2
     seed_method: Literal["cascade", "interior", "distance"] = "cascade"

@@ -79,3 +79,24 @@ def test_labels_of_another_shape_are_refused(qtbot, stack):
     v.set_image(image)
     with pytest.raises(ValueError, match="same shape"):
         v.set_labels(labels[:, :10])
+
+
+def test_contrast_automatic_and_manual_and_sections_follow_a_click(qtbot, stack):
+    image, labels = stack
+    v = VolumeViewer()
+    qtbot.addWidget(v)
+    v.set_image(image, (1.0, 1.0, 1.0))
+    lo, hi = auto_levels(image)
+    assert (v.low.value(), v.high.value()) == pytest.approx((lo, hi), abs=0.01)
+    v.high.setValue(500.0)  # typed by the user
+    assert v.levels == (pytest.approx(lo, abs=0.01), 500.0)
+    assert v.xy.image.levels.tolist() == pytest.approx([lo, 500.0], abs=0.01)
+    v.auto_button.click()
+    assert v.high.value() == pytest.approx(hi, abs=0.01)
+    # a click in XY moves the XZ / YZ sections there; a z change leaves them alone
+    v._click(v.z, 30.2, 45.7)
+    np.testing.assert_array_equal(v.xz.image.image, image[:, 30, :])
+    np.testing.assert_array_equal(v.yz.image.image, image[:, :, 45])
+    xz_before = v.xz.image.image
+    v.set_z(2)
+    assert v.xz.image.image is xz_before
