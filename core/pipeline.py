@@ -172,6 +172,7 @@ def segment_stack(
     *,
     config: Optional[PredictConfig] = None,
     work_dir: Optional[Path] = None,
+    network=None,
     progress: ProgressFn = None,
     cancel: CancelFlag = None,
 ) -> StackResult:
@@ -182,6 +183,9 @@ def segment_stack(
     volume : the stack (ZYX, any real dtype, voxel size in um or None).
     model, info : from :func:`core.checkpoint.load_model_for_inference`.
     config : :class:`PredictConfig`.
+    network : what runs the network over the stack: None = in this process
+        (:func:`core.predict.predict_probabilities`); a
+        :class:`core.distributed.DaskPredictor` spreads it over a cluster.
 
     Returns a :class:`StackResult` whose labels have the input's shape and voxel
     size (0 background, cells 1..n).
@@ -215,7 +219,7 @@ def segment_stack(
     t1 = time.monotonic()
     n_channels = len(info.channels)
     store = _probability_store((n_channels,) + tuple(image.shape), work_dir)
-    predict_probabilities(
+    (network or predict_probabilities)(
         model, image, tile_shape=config.tile_shape, overlap=config.overlap,
         batch_size=config.batch_size, device=None if config.device == "auto" else config.device,
         tta=config.tta, out=store, progress=progress, cancel=cancel,
@@ -319,6 +323,8 @@ def predict_files(
     config: Optional[PredictConfig] = None,
     *,
     channel: Optional[int] = None,
+    workers: Optional[int] = None,
+    scheduler: Optional[str] = None,
     progress: ProgressFn = None,
     cancel: CancelFlag = None,
 ) -> List[FileResult]:
@@ -329,10 +335,11 @@ def predict_files(
     before the next is read, so memory holds one stack at a time. A user error
     on one input (unreadable file, wrong shape) is recorded in its
     :class:`FileResult` and the others go on; with a single input it is raised.
+    ``workers`` (a local dask cluster of that many processes) or ``scheduler``
+    (the address of a running one) spread the network over processes or
+    machines (:mod:`core.distributed`); the cells are identical.
     """
     from core.checkpoint import load_model_for_inference
-    from core.errors import EpiSegError
-    from core.io import read_volume
     from core.predict import resolve_device
 
     config = config or PredictConfig()
@@ -343,14 +350,38 @@ def predict_files(
     rep.message(f"model {model_path}: target {info.target}, trained {info.epochs} epochs, "
                 f"voxel size {info.voxel_size_um} um; device {device}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    network, client = None, None
+    if workers or scheduler:
+        from core.distributed import DaskPredictor, make_client
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers)) if workers else 0
+        client = make_client(workers, scheduler)
+        network = DaskPredictor(client, model_path, out_dir, threads_per_task=threads)
+        rep.message(f"dask: {len(client.scheduler_info().get('workers', {}))} workers "
+                    f"({scheduler or 'local cluster'})")
+    try:
+        return _predict_each(inputs, model, info, config, out_dir, channel, network,
+                             progress, cancel, rep)
+    finally:
+        if client is not None:
+            from core.distributed import close_client
+
+            close_client(client)
+
+
+def _predict_each(inputs, model, info, config, out_dir, channel, network, progress, cancel,
+                  rep) -> List[FileResult]:
+    from core.errors import EpiSegError
+    from core.io import read_volume
+
     results = []
     for spec in inputs:
         check_cancelled(cancel, "Prediction")
         try:
             # not kept in a variable: segment_stack frees the image after the network
             result = segment_stack(read_volume(spec, channel=channel), model, info,
-                                   config=config, work_dir=out_dir, progress=progress,
-                                   cancel=cancel)
+                                   config=config, work_dir=out_dir, network=network,
+                                   progress=progress, cancel=cancel)
             paths = write_stack_result(result, input_stem(spec), out_dir, config.format)
         except EpiSegError as err:
             if len(inputs) == 1:

@@ -160,6 +160,8 @@ def predict_probabilities(
     out=None,
     out_dtype=np.float16,
     memory_budget_mb: Optional[float] = None,
+    z_rows: Optional[Tuple[int, int]] = None,
+    y_rows: Optional[Tuple[int, int]] = None,
     progress: ProgressFn = None,
     cancel: CancelFlag = None,
 ):
@@ -199,6 +201,11 @@ def predict_probabilities(
     out_dtype : dtype of the allocated result (ignored when ``out`` is given).
     memory_budget_mb : activation memory allowed for one batch of tiles (None:
         1 GiB on a CPU, a quarter of the free GPU memory on CUDA).
+    z_rows, y_rows : only write the block owned by tile rows ``[a, b)`` along Z
+        and ``[c, d)`` along Y of the grid (:func:`row_blocks`), all of X; the
+        tiles of the rows just before are run too, so the block is bit for bit
+        what a whole run writes there. Used to spread one stack over workers
+        (:mod:`core.distributed`); None: the whole stack.
     progress, cancel : job protocol (:mod:`core.jobs`); one event per batch of
         tiles; cancelling raises :class:`core.errors.JobCancelled` between
         batches, after the finished blocks were written to ``out``.
@@ -237,10 +244,8 @@ def predict_probabilities(
     if use_amp:
         bpv /= 2
     if tile_shape is None:
-        # keep every activation tensor below 2**31 elements (32-bit indexing in kernels)
-        f0 = int(getattr(cfg, "base_features", 32))
-        max_voxels = int(min(budget / bpv, 2**31 // (4 * f0)))
-        tile_shape = auto_tile_shape(shape, divisor, max_voxels=max_voxels, overlap=overlap)
+        tile_shape = plan_grid(model, shape, overlap=overlap, device=dev,
+                               memory_budget_mb=memory_budget_mb, amp=amp).tile_shape
     grid = make_grid(shape, tile_shape, overlap, divisor, halo=halo, blend=blend)
     tile = grid.tile_shape
     if batch_size is None:
@@ -263,10 +268,70 @@ def predict_probabilities(
             f"shape {full} (channels, Z, Y, X); allocate it with that shape."
         )
 
+    rows = _check_rows(grid, z_rows, y_rows)
+    n_run = (rows[1] - max(0, rows[0] - 1)) * (rows[3] - max(0, rows[2] - 1)) * len(grid.starts[2])
     _SlidingWindow(net, image, out, grid, dev, n_ch, flips, use_amp, channels_last, transform).run(
-        batch_size, ProgressReporter(progress, "predict", total=grid.n_tiles), cancel
+        batch_size, ProgressReporter(progress, "predict", total=n_run), cancel, rows
     )
     return out
+
+
+def plan_grid(model: nn.Module, shape: Sequence[int], *, tile_shape=None,
+              overlap: OverlapSpec = DEFAULT_OVERLAP, device=None,
+              memory_budget_mb: Optional[float] = None, amp: bool = True) -> TileGrid:
+    """The tile grid :func:`predict_probabilities` would use for a stack of ``shape``."""
+    dev = resolve_device(device)
+    cfg = getattr(model, "cfg", None)
+    divisor = required_divisor(cfg) if cfg is not None else (1, 1, 1)
+    if tile_shape is None:
+        bpv = activation_bytes_per_voxel(model) / (2 if (amp and dev.type == "cuda") else 1)
+        if memory_budget_mb is not None:
+            budget = float(memory_budget_mb) * 2**20
+        elif dev.type == "cuda":
+            budget = torch.cuda.mem_get_info(dev)[0] / 4
+        else:
+            budget = CPU_TILE_BUDGET
+        # keep every activation tensor below 2**31 elements (32-bit indexing in kernels)
+        f0 = int(getattr(cfg, "base_features", 32))
+        max_voxels = int(min(budget / bpv, 2**31 // (4 * f0)))
+        tile_shape = auto_tile_shape(tuple(shape), divisor, max_voxels=max_voxels, overlap=overlap)
+    return make_grid(tuple(shape), tile_shape, overlap, divisor)
+
+
+def row_blocks(grid: TileGrid, z_rows_per_block: int = 2, y_rows_per_block: Optional[int] = None
+               ) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """Split a grid into blocks of whole tile rows, ``((a, b), (c, d))`` = Z rows x Y rows.
+
+    Each block owns the voxels from the start of its first rows to the start of
+    the rows after it (all of X); together the blocks cover the stack once. A
+    block also runs the tile row before it (for its overlap), so fewer, larger
+    blocks waste less: by default all of Y and ``z_rows_per_block`` Z rows.
+    """
+    nz, ny = len(grid.starts[0]), len(grid.starts[1])
+    zs_per = max(1, int(z_rows_per_block))
+    ys_per = ny if y_rows_per_block is None else max(1, int(y_rows_per_block))
+    return [((a, min(nz, a + zs_per)), (c, min(ny, c + ys_per)))
+            for a in range(0, nz, zs_per) for c in range(0, ny, ys_per)]
+
+
+def block_extent(grid: TileGrid, z_rows: Tuple[int, int], y_rows: Tuple[int, int]
+                 ) -> Tuple[slice, slice]:
+    """The Z and Y voxel ranges a block of rows owns (all of X)."""
+    out = []
+    for ax, (a, b) in ((0, z_rows), (1, y_rows)):
+        starts = grid.starts[ax]
+        end = int(starts[b]) if b < len(starts) else grid.shape[ax]
+        out.append(slice(int(starts[a]), min(end, grid.shape[ax])))
+    return out[0], out[1]
+
+
+def _check_rows(grid: TileGrid, z_rows, y_rows) -> Tuple[int, int, int, int]:
+    nz, ny = len(grid.starts[0]), len(grid.starts[1])
+    a, b = z_rows if z_rows is not None else (0, nz)
+    c, d = y_rows if y_rows is not None else (0, ny)
+    if not (0 <= a < b <= nz and 0 <= c < d <= ny):
+        raise ConfigError(f"Tile rows z {z_rows}, y {y_rows} are outside the grid's {nz} x {ny} rows.")
+    return int(a), int(b), int(c), int(d)
 
 
 class _SlidingWindow:
@@ -338,25 +403,34 @@ class _SlidingWindow:
         b = b.cpu().numpy()
         self.out[:, z0:z0 + nz, y0:y0 + ny, :] = b.astype(self.out.dtype, copy=False)
 
-    def run(self, batch_size: int, rep: ProgressReporter, cancel: CancelFlag) -> None:
+    def run(self, batch_size: int, rep: ProgressReporter, cancel: CancelFlag,
+            rows: Tuple[int, int, int, int]) -> None:
+        """Tiles of Z rows [a - 1, b) x Y rows [c - 1, d); write what rows [a, b) x [c, d) own.
+
+        The rows just before a block only add their overlap to it, with the same
+        operations in the same order as a whole run: blocks are bit for bit equal.
+        """
         g = self.grid
         tz, ty, tx = g.tile_shape
         Xp = g.padded_shape[2]
         C = self.n_ch
         zs_all, ys_all, xs_all = (list(map(int, s)) for s in g.starts)
+        a, b, c, d = rows
         f32 = dict(dtype=torch.float32, device=self.dev)
         # carry_in: contributions of earlier Z rows to [zs_r, zs_r + len) x all Y, X
         carry_in: Optional[torch.Tensor] = None
         done = 0
         rep.update(0, message=f"{g.n_tiles} tiles of {tz}x{ty}x{tx} voxels")
-        for r, zs in enumerate(zs_all):
+        for r in range(max(0, a - 1), b):
+            zs = zs_all[r]
             z_next = zs_all[r + 1] if r + 1 < len(zs_all) else zs + tz  # rows below start here
             keep = zs + tz - z_next  # voxels of this row that later rows still add to
             carry_out = torch.zeros((C, keep, g.padded_shape[1], Xp), **f32) if keep > 0 else None
             # work: this Z row, Y range [y_lo, y_lo + ty), all X
             work = torch.zeros((C, tz, ty, Xp), **f32)
-            y_lo = 0
-            for j, ys in enumerate(ys_all):
+            y_lo = ys_all[max(0, c - 1)]
+            for j in range(max(0, c - 1), d):
+                ys = ys_all[j]
                 if ys != y_lo:  # shift the rolling Y buffer
                     s = ys - y_lo
                     work[:, :, : ty - s] = work[:, :, s:].clone()
@@ -377,7 +451,8 @@ class _SlidingWindow:
                 blk = work[:, :, : y_next - ys]
                 if carry_in is not None:
                     blk[:, : carry_in.shape[1]] += carry_in[:, :, ys:y_next]
-                self.flush(blk[:, : z_next - zs], zs, ys)
+                if r >= a and j >= c:  # a row just before the block only lends its overlap
+                    self.flush(blk[:, : z_next - zs], zs, ys)
                 if carry_out is not None:
                     carry_out[:, :, ys:y_next] = blk[:, z_next - zs:]
             carry_in = carry_out

@@ -41,6 +41,13 @@ def register(sub) -> None:
     p.add_argument("--min-cell-size", type=float, metavar="UM3",
                    help="cells smaller than this (cubic micrometres) join their neighbours")
     p.add_argument("--channel", type=int, help="channel to use in multi-channel stacks")
+    cluster = p.add_argument_group(
+        "many processes or machines (dask.distributed; the cells are identical)")
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="run the network on a local cluster of N worker processes")
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="run the network on a running dask cluster, e.g. tcp://host:8786 "
+                              "(the output folder must be on a file system the workers share)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -67,12 +74,17 @@ def build_config(args):
 
 
 def run(args) -> int:
+    from core.errors import ConfigError
     from core.pipeline import predict_files
 
     config = build_config(args)
+    if args.workers is not None and args.scheduler:
+        raise ConfigError("command line: give either --workers N (a local cluster) or "
+                          "--scheduler ADDRESS (a running one), not both.")
     with TerminalProgress(quiet=args.quiet) as bar:
         results = predict_files(args.model, args.inputs, args.out, config,
-                                channel=args.channel, progress=bar)
+                                channel=args.channel, workers=args.workers,
+                                scheduler=args.scheduler, progress=bar)
     failures = [r for r in results if r.error]
     for r in results:
         if r.error:
