@@ -531,15 +531,23 @@ def train(config: TrainConfig, out_path: Union[str, Path], *, resume: bool = Fal
         target = cfg.target or DEFAULT_TARGET
     cfg_target = target
 
+    from core import ddp
+
+    world = ddp.world_from_env()
     device = resolve_device(cfg.device)
     use_amp, amp_dtype, use_scaler, amp_text = amp_settings(cfg.amp, device)
     old_threads = torch.get_num_threads()
-    threads = cfg.threads or physical_cores()
+    threads = cfg.threads or max(1, physical_cores() // (world.size if device.type == "cpu"
+                                                         and world.distributed else 1))
     torch.set_num_threads(threads)
     try:
+        device = ddp.setup(world, device)
+        if not world.main:  # process 0 reports and writes the model file
+            run.progress = None
         return _train(run, cfg, cfg_target, saved, init_data, init, device,
-                      (use_amp, amp_dtype, use_scaler, amp_text))
+                      (use_amp, amp_dtype, use_scaler, amp_text), world)
     finally:
+        ddp.teardown(world)
         torch.set_num_threads(old_threads)
 
 
@@ -568,13 +576,16 @@ def _load_sources(run: _Run, sources: Sequence[DataSource], target: str,
     return vols, voxel_size
 
 
-def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, device, amp) -> TrainResult:
+def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, device, amp,
+           world) -> TrainResult:
+    from core import ddp
     from core.checkpoint import build_from_model_dict
     from core.model import build_model, preset_config, ModelConfig
 
     use_amp, amp_dtype, use_scaler, amp_text = amp
     seed = int(cfg.seed)
-    np_rng = np.random.default_rng(seed)
+    # one patch stream per process in a distributed run; the same weights everywhere
+    np_rng = np.random.default_rng(ddp.rank_seed(seed, world))
     torch.manual_seed(seed)
     random.seed(seed)
 
@@ -679,15 +690,20 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         run.test_metrics = dict(saved.get("test_metrics", {}))
 
     info = dict(target=target, voxel_size=voxel_size, patch=patch, device=str(device), amp=amp_text)
+    spread = (f"; {world.size} processes (DistributedDataParallel), gradients of "
+              f"{world.size} x {cfg.batch_size} patches per step" if world.distributed else "")
     run.say(f"training {model_cfg.channel_names} on {len(train_vols)} volume(s), validating on "
             f"{len(val_vols)}; patch {patch}, batch {cfg.batch_size}, {device} ({amp_text}, "
-            f"{torch.get_num_threads()} threads), voxel size {voxel_size} um", stage="load",
+            f"{torch.get_num_threads()} threads), voxel size {voxel_size} um{spread}", stage="load",
             **{k: str(v) for k, v in info.items()})
+    if world.distributed:  # augmentations differ between processes too
+        torch.manual_seed(seed + 7919 * world.rank)
 
     ctx = _Context(run, cfg, model, model_cfg, opt, schedule, scaler, loss_fn, sampler, augmenter,
                    val_batches, metric_vols, device, use_amp, amp_dtype, voxel_size, patch,
-                   target, np_rng)
+                   target, np_rng, world)
     stopped = ctx.loop(total_iters, budget_s)
+    ddp.check_same_weights(model, world, device)
     return TrainResult(
         path=run.out, epochs=run.epochs_done, best_epoch=run.best_epoch,
         best_metric=ctx.best_metric(), train_losses=run.train_losses,
@@ -701,8 +717,12 @@ class _Context:
 
     def __init__(self, run, cfg, model, model_cfg, opt, schedule, scaler, loss_fn, sampler,
                  augmenter, val_batches, metric_vols, device, use_amp, amp_dtype, voxel_size,
-                 patch, target, np_rng):
+                 patch, target, np_rng, world=None):
+        from core import ddp
+
         self.run, self.cfg, self.model, self.model_cfg = run, cfg, model, model_cfg
+        self.world = world or ddp.World()
+        self.net = ddp.wrap(model, self.world, device)  # what steps; self.model validates, saves
         self.opt, self.schedule, self.scaler, self.loss_fn = opt, schedule, scaler, loss_fn
         self.sampler, self.augmenter = sampler, augmenter
         self.val_batches, self.metric_vols = val_batches, metric_vols
@@ -720,7 +740,7 @@ class _Context:
         for group in self.opt.param_groups:
             group["lr"] = self.current_lr
         with self._autocast():
-            logits = self.model(batch.image)
+            logits = self.net(batch.image)
         loss = self.loss_fn(logits, batch.target, batch.weight)
         self.opt.zero_grad(set_to_none=True)
         value = float(loss.detach())
@@ -837,6 +857,9 @@ class _Context:
     def end_epoch(self, epoch: int, losses: List[float], iterations: int, t_epoch: float,
                   last: bool) -> None:
         run, cfg = self.run, self.cfg
+        if not self.world.main:  # process 0 validates and writes the model file
+            run.epochs_done = epoch
+            return
         every = cfg.validation.metrics_every
         want = bool(self.metric_vols) and every > 0 and (epoch % every == 0 or last)
         val_loss, metrics = self.validate(want) if self.val_batches or want else (float("nan"), {})
@@ -880,11 +903,11 @@ class _Context:
                     self._cancel(epoch, losses, it, t_epoch)
                 if budget_s is not None:
                     need = (self.iter_seconds or 0.0) + self.val_seconds
-                    if run.elapsed() + need > budget_s:
+                    if self._agree(run.elapsed() + need > budget_s):
                         out_of_time = True
                         break
                 t_it = time.monotonic()
-                self.current_lr = self.schedule.lr(run.elapsed())
+                self.current_lr = self._from_main(self.schedule.lr(run.elapsed()))
                 value = self.step()
                 self.schedule.iteration += 1
                 if not math.isfinite(value):
@@ -911,6 +934,18 @@ class _Context:
                 stopped = "time"
                 break
         return stopped
+
+    def _from_main(self, value: float) -> float:
+        """Process 0's value on every process of a distributed run."""
+        from core import ddp
+
+        return ddp.from_main(value, self.world, self.device)
+
+    def _agree(self, flag: bool) -> bool:
+        """The same answer on every process of a distributed run (any process says stop)."""
+        from core import ddp
+
+        return ddp.agree_any(flag, self.world, self.device)
 
     def _report(self, epoch, it, losses, total_iters, budget_s) -> None:
         run = self.run

@@ -144,12 +144,18 @@ def run(args) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        with TerminalProgress(quiet=args.quiet) as bar:
+        from core.ddp import world_from_env
+
+        with TerminalProgress(quiet=args.quiet or not world_from_env().main) as bar:
             result = train(config, args.out, resume=args.resume, init=args.init,
                            progress=bar, cancel=cancel)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    from core.ddp import world_from_env
+
+    if not world_from_env().main:  # under torchrun, process 0 reports
+        return 0
     reason = {"finished": "all planned epochs done", "time": "time budget spent",
               "cancelled": "cancelled"}.get(result.stopped, result.stopped)
     print(f"trained {result.epochs} epoch(s) in {result.seconds / 60:.1f} min ({reason}); "
