@@ -156,6 +156,9 @@ class MainWindow(QMainWindow):
         file_menu.addAction("Open labels over the stack...", self.choose_labels)
         self.recent_menu = file_menu.addMenu("Recent stacks")
         file_menu.addAction("Export labels...", self.choose_export)
+        examples = file_menu.addMenu("Examples")
+        examples.addAction("Open the real sample stack (C. elegans membranes)", self.open_sample)
+        examples.addAction("Make synthetic stacks with ground truth...", self.choose_synthetic)
         file_menu.addSeparator()
         file_menu.addAction("Load settings (YAML)...", self.choose_load_config)
         file_menu.addAction("Save settings (YAML)...", self.choose_save_config)
@@ -300,6 +303,38 @@ class MainWindow(QMainWindow):
             self.viewer.set_labels(labels.data)
         self.statusBar().showMessage(f"{image.name}: {image.shape} {image.data.dtype}, voxel "
                                      f"{image.voxel_size or 'unknown'} um", 10000)
+
+    def open_sample(self) -> None:
+        from core.demo import REAL_SAMPLE
+
+        if not REAL_SAMPLE.exists():
+            self.show_error(f"The sample stack {REAL_SAMPLE} is missing from this installation.")
+            return
+        self.open_in_viewer(str(REAL_SAMPLE))
+
+    def choose_synthetic(self) -> None:
+        start = self.settings.value("last_folder", str(Path.home()))
+        folder = QFileDialog.getExistingDirectory(self, "Folder for the synthetic stacks", start)
+        if folder:
+            self.make_synthetic(folder)
+
+    def make_synthetic(self, folder: str, n: int = 4, shape=(48, 192, 192)) -> Job:
+        """Write ``n`` synthetic stacks + labels into ``folder`` (a job), then show the first."""
+        from core.synth import write_synthetic_dataset
+
+        job = Job(write_synthetic_dataset, parent=self, out_dir=Path(folder), n=n, shape=shape,
+                  seed=2020, overwrite=True)
+
+        def done(pairs):
+            self.statusBar().showMessage(f"{len(pairs)} synthetic stacks with labels written "
+                                         f"to {folder}", 15000)
+            self.open_in_viewer(str(pairs[0][0]), str(pairs[0][1]))
+
+        job.finished.connect(done)
+        job.failed.connect(self.show_error)
+        self.statusBar().showMessage(f"making {n} synthetic stacks in {folder}...")
+        job.start()
+        return job
 
     def show_arrays(self, image, labels, voxel_size) -> None:
         """Show arrays a tab already holds (e.g. the Evaluate tab's stacks)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from core.jobs import CancelFlag, ProgressFn
+from core.jobs import CancelFlag, ProgressFn, ProgressReporter
 from core.metrics import CELL_COLUMNS, EvaluationResult, evaluate
 from core.volume import Volume
 
@@ -46,6 +46,13 @@ def evaluate_files(gt_spec: str, pred_spec: str, image_spec: Optional[str] = Non
     result = evaluate(gt.data, pred.data, iou_threshold=iou_threshold, components=components,
                       names=(f"ground truth {gt_spec}", f"prediction {pred_spec}"),
                       progress=progress, cancel=cancel)
+    r = result
+    ProgressReporter(progress, "evaluate").message(
+        f"{r.n_gt_cells} cells in the ground truth, {r.n_pred_cells} predicted: "
+        f"{r.n_matched} matched at IoU >= {r.iou_threshold:g}, {r.n_split} split, "
+        f"{r.n_merged} merged, {r.n_missed} missed, {r.n_false_positive} false positives; "
+        f"cell IoU {r.cell_iou:.3f}, AP{r.iou_threshold * 100:g} {r.ap:.3f}, "
+        f"adapted Rand error {r.adapted_rand_error:.3f}")
     return EvaluatedFiles(result, gt, pred, image)
 
 

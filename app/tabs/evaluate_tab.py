@@ -73,6 +73,7 @@ class EvaluateTab(QWidget):
             ("Match at IoU", self.iou), ("", self.components)])
 
         self.panel = JobPanel("Evaluate")
+        self.panel.log.setMaximumHeight(90)  # one summary line: room for the tables
         self.panel.run_button.clicked.connect(self.run)
         self.panel.finished.connect(self._finished)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QListWidget, QSplitter,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QListWidget,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
@@ -43,6 +43,7 @@ class PredictTab(QWidget):
         if DEFAULT_MODEL.exists():
             self.model.setText(str(DEFAULT_MODEL))
         self.inputs = FileList()
+        self.inputs.list.setMaximumHeight(110)
         self.out_dir = PathField("folder", placeholder="folder for the label stacks")
         self.format = QComboBox()
         self.format.addItems(["tif", "mat", "h5"])
@@ -69,15 +70,17 @@ class PredictTab(QWidget):
         self.flag_table.setEditTriggers(QTableWidget.NoEditTriggers)
         self.flag_table.setSelectionBehavior(QTableWidget.SelectRows)
         self.flag_table.cellClicked.connect(self._flag_clicked)
-        results = QSplitter(Qt.Vertical)
-        results.addWidget(self.result_list)
-        results.addWidget(self.flag_table)
-
+        self.flag_table.horizontalHeader().setStretchLastSection(True)
+        self.flag_table.setWordWrap(False)
+        self.result_list.setMaximumHeight(90)
         layout = QVBoxLayout(self)
         layout.addWidget(settings)
         layout.addWidget(self.panel, 1)
-        layout.addWidget(QLabel("Results (select one to view it; click a flagged cell to go to it)"))
-        layout.addWidget(results, 2)
+        layout.addWidget(QLabel("Results (select one to view it)"))
+        layout.addWidget(self.result_list)
+        layout.addWidget(QLabel("Cells most likely wrong, most suspicious first (click one to "
+                                "go to it)"))
+        layout.addWidget(self.flag_table, 3)
 
     def set_config(self, cfg: PredictConfig) -> None:
         """Show a config in the form (settings the form lacks are kept for the run)."""
@@ -145,6 +148,7 @@ class PredictTab(QWidget):
                 value = row.get(key)
                 item.setData(Qt.DisplayRole, value if isinstance(value, (int, float)) else str(value))
                 self.flag_table.setItem(i, j, item)
+        self.flag_table.resizeColumnsToContents()
         self.flag_table.setSortingEnabled(True)
         self.flag_table.sortItems(0, Qt.AscendingOrder)  # most suspicious first
 

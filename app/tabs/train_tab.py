@@ -81,7 +81,7 @@ class TrainTab(QWidget):
 
         self.plot = pg.PlotWidget(title="loss")
         self.plot.setBackground("w")
-        self.plot.addLegend()
+        self.plot.addLegend(offset=(-10, 10))  # top right, clear of the falling curves
         self.plot.setLabel("bottom", "epoch")
         self.iter_curve = self.plot.plot([], [], pen=pg.mkPen((150, 150, 150), width=1),
                                          name="training (smoothed, per iteration)")

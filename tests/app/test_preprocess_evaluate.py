@@ -179,3 +179,18 @@ def test_settings_files_recent_files_and_preferences_persist(qtbot, stack, tmp_p
     assert again.load_config(str(tmp_path / "prep.yaml"))
     assert again.preprocess_tab.normalise.currentText() == "percentile"
     assert again.preprocess_tab.config().resample.target_voxel_size_um == pytest.approx((1, 0.6, 0.6))
+
+
+def test_examples_menu_makes_synthetic_stacks_and_opens_the_real_sample(qtbot, tmp_path):
+    w = window(qtbot, tmp_path)
+    job = w.make_synthetic(str(tmp_path / "synthetic"), n=2, shape=(12, 48, 48))
+    with qtbot.waitSignal(job.done, timeout=60000):
+        pass
+    assert sorted(p.name for p in (tmp_path / "synthetic").glob("*.tif")) == [
+        "synth_000_labels.tif", "synth_000_raw.tif", "synth_001_labels.tif", "synth_001_raw.tif"]
+    qtbot.waitUntil(lambda: w.viewer.labels is not None, timeout=30000)
+    assert w.viewer.image.shape == (12, 48, 48) and w.viewer.labels.max() > 1
+    w.open_sample()
+    qtbot.waitUntil(lambda: w.viewer.image is not None and w.viewer.image.shape[1] > 48,
+                    timeout=30000)
+    assert w.viewer.labels is None
