@@ -159,29 +159,40 @@ def prepare_inputs(shape, work: Path, model_path: str) -> tuple:
     return tif, npy
 
 
-_E2E = """
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(json.dumps({"rc": p.returncode, "seconds": time.perf_counter() - t, "out": p.stdout,
-                  "err": p.stderr[-2000:],
-                  "peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-"""
-
-
 def run_end_to_end(model_path: str, tif: Path, work: Path) -> dict:
-    """``episeg predict`` in a fresh process; its time and its own peak memory."""
+    """``episeg predict`` in a fresh process: its time, and its memory sampled from /proc
+    (heap = anonymous pages; mapped files = the memory-mapped probabilities and inputs)."""
     exe = Path(sys.executable).with_name("episeg")
     cmd = [str(exe), "predict", "--model", model_path, "--out", str(work / "out_e2e"),
            "--quiet", str(tif)]
-    proc = subprocess.run([sys.executable, "-c", _E2E] + cmd, capture_output=True, text=True)
-    res = json.loads(proc.stdout)
-    if res["rc"] != 0:
-        raise SystemExit(f"episeg predict failed: {res['err']}")
-    line = next((l for l in res["out"].splitlines() if " cells (" in l), "")
-    res["cells"] = line.rsplit(": ", 1)[-1].split(" cells")[0] if line else "?"
-    res["steps"] = line.split(" cells (", 1)[-1].rstrip(")") if line else ""
-    return {k: res[k] for k in ("seconds", "peak_mib", "cells", "steps")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trace = []  # (seconds, heap MiB, mapped-file MiB)
+    while proc.poll() is None:
+        try:
+            vals = {}
+            with open(f"/proc/{proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith(("RssAnon", "RssFile", "RssShmem")):
+                        k, v = line.split(":")
+                        vals[k] = int(v.split()[0]) / 1024
+            trace.append((time.perf_counter() - t0, vals.get("RssAnon", 0.0),
+                          vals.get("RssFile", 0.0) + vals.get("RssShmem", 0.0)))
+        except OSError:
+            pass
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"episeg predict failed: {err[-2000:]}")
+    line = next((l for l in out.splitlines() if " cells (" in l), "")
+    total = max((a + f for _, a, f in trace), default=0.0)
+    return {"seconds": seconds, "peak_mib": total,
+            "heap_mib": max((a for _, a, _ in trace), default=0.0),
+            "file_mib_at_peak": next((f for _, a, f in trace if a + f == total), 0.0),
+            "cells": line.rsplit(": ", 1)[-1].split(" cells")[0] if line else "?",
+            "steps": line.split(" cells (", 1)[-1].rstrip(")") if line else "",
+            "trace": trace[::5]}
 
 
 def main(argv=None) -> int:

@@ -125,6 +125,9 @@ def run_block(model_path: str, image_path: str, block_file: str, z_rows: Tuple[i
 
     if os.path.exists(block_file):
         return block_file
+    from core.predict import resolve_device
+
+    device = str(resolve_device(None if device == "auto" else device))
     image = zarr.open_array(image_path, mode="r")
     model = _worker_model(model_path, os.path.getmtime(model_path), device, threads)
     grid = make_grid(tuple(image.shape), tile_shape, overlap, _divisor(model))
@@ -188,9 +191,11 @@ class DaskPredictor:
         from core.predict import DEFAULT_OVERLAP, block_extent, plan_grid, row_blocks
 
         overlap = DEFAULT_OVERLAP if overlap is None else overlap
-        device = "cpu" if device in (None, "auto") else str(device)
+        # "auto": each worker takes its GPU when it has one; the tiles are planned for a CPU
+        device = "auto" if device in (None, "auto") else str(device)
         rep = ProgressReporter(progress, "predict")
-        grid = plan_grid(model, image.shape, tile_shape=tile_shape, overlap=overlap, device=device)
+        grid = plan_grid(model, image.shape, tile_shape=tile_shape, overlap=overlap,
+                         device="cpu" if device == "auto" else device)
         tile = tuple(int(t) for t in grid.tile_shape)
         blocks = row_blocks(grid, self.z_rows_per_block)
         n_ch = int(out.shape[0])

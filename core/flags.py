@@ -189,6 +189,9 @@ def _accumulate(labels, bp, cp, n, voxel_size, margin_um) -> Dict[str, Any]:
         for axis in (1, 2):
             for end in (0, -1):
                 acc["border"][np.unique(np.take(core, end, axis=axis))] = True
+        for prob in (bp, cp):
+            if prob is not None:
+                prob.release()
         if z0 == 0:
             acc["border"][np.unique(core[0])] = True
         if z1 == shape[0]:
@@ -207,8 +210,12 @@ def _inside(lab: np.ndarray, voxel_size: Sequence[float], margin_um: float) -> n
         diff = lab[tuple(a)] != lab[tuple(b)]
         surface[tuple(a)] |= diff
         surface[tuple(b)] |= diff
-    dist = ndi.distance_transform_edt(~surface, sampling=voxel_size)
-    return (dist > margin_um) & (lab > 0)
+    # an erosion by the ellipsoid of margin_um: the same voxels as "distance to the surface
+    # > margin_um", an order of magnitude faster than a distance transform on large slabs
+    footprint = segment.ball_um(margin_um, voxel_size)
+    inner = ~surface if footprint is None else ndi.binary_erosion(~surface, structure=footprint,
+                                                                  border_value=1)
+    return inner & (lab > 0)
 
 
 def _wall_sums(lab: np.ndarray, bp: np.ndarray, n: int, axes: Sequence[int]):

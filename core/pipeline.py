@@ -226,6 +226,9 @@ def segment_stack(
     )
     # the image is not needed any more: a caller that did not keep the volume frees it here
     del image, view, raw, volume
+    from core.segment import release_pages
+
+    release_pages(store)  # written: its pages may leave this process' memory
     times["network"] = time.monotonic() - t1
 
     t2 = time.monotonic()

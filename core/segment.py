@@ -28,6 +28,7 @@ and ids are made consecutive: background 0, cells 1..n.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Tuple
 
@@ -115,6 +116,21 @@ def ball_um(radius_um: float, voxel_size: Sequence[float]) -> Optional[np.ndarra
     return np.asarray(dist <= 1.0)
 
 
+def release_pages(array) -> None:
+    """Let the OS take back the pages of a memory-mapped array that this process has read.
+
+    The data stay in the file (and the page cache); the next read maps them
+    again. Keeps a large memory-mapped probability map from counting in the
+    process' memory all at once. No-op for arrays in memory.
+    """
+    mm = getattr(array, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 class _Prob:
     """A probability map kept in its stored dtype (uint8 0..255 or float in [0, 1]).
 
@@ -136,6 +152,9 @@ class _Prob:
 
     def f32(self, index=Ellipsis) -> np.ndarray:
         return self.a[index].astype(np.float32) / np.float32(self.scale)
+
+    def release(self) -> None:
+        release_pages(self.a)
 
 
 #: Voxels per block of the slab-wise steps (watershed, gap closing): bounds their
@@ -300,9 +319,8 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
                   if fp is not None]
     radius = [max([fp.shape[a] // 2 for fp in footprints] + [0]) for a in range(3)]
     pieces, n = _label_compact(interior)
-    out = np.zeros(interior.shape, dtype=np.uint16 if n < 16384 else np.uint32)
+    out = np.zeros(interior.shape, dtype=np.uint16)  # widened only if the seeds need it
     next_id = 1
-    structure = np.ones((3, 3, 3), bool)
     for i, sl in enumerate(ndi.find_objects(pieces), start=1):
         if sl is None:
             continue
@@ -313,34 +331,50 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
         pad = [(0 if s.start == 0 else r, 0 if s.stop == n_ax else r)
                for s, r, n_ax in zip(sl, radius, interior.shape)]
         padded = np.pad(mask, pad)
-        local = np.zeros(padded.shape, np.int32)
+        del mask
+        # compact types throughout: a piece's box can be most of a large stack
+        local = np.zeros(padded.shape, np.uint16)
         k = 0
+        # an erosion wider than the piece (away from the stack's faces) leaves nothing
+        inside_faces = [s.start > 0 and s.stop < n_ax for s, n_ax in zip(sl, interior.shape)]
+        extent = [s.stop - s.start for s in sl]
         for fp in reversed(footprints):
+            if any(f and e < fs for f, e, fs in zip(inside_faces, extent, fp.shape)):
+                continue
             eroded = ndi.binary_erosion(padded, structure=fp, border_value=1)
-            comp, m = ndi.label(eroded, structure=structure)
+            comp, m = _label_compact(eroded)
+            del eroded
             if m == 0:
                 continue
             has = np.zeros(m + 1, bool)
-            has[np.unique(comp[local > 0])] = True
+            if k:
+                has[comp[local > 0]] = True
             big = np.bincount(comp.ravel(), minlength=m + 1) * voxel_um3 >= min_size_um3
             new = ~has & big
             new[0] = False
             ids = np.flatnonzero(new)
             if len(ids):
-                lut = np.zeros(m + 1, np.int32)
+                if k + len(ids) > np.iinfo(local.dtype).max:
+                    local = local.astype(np.uint32)
+                lut = np.zeros(m + 1, local.dtype)
                 lut[ids] = np.arange(k + 1, k + 1 + len(ids))
-                add = lut[comp]
-                local = np.where(add > 0, add, local)
+                sel = new[comp]
+                local[sel] = lut[comp[sel]]
+                del sel
                 k += len(ids)
+            del comp
         if k == 0:  # every erosion erased it: the piece itself is one small cell's seed
-            local = padded.astype(np.int32)
+            local = padded.view(np.uint8)
             k = 1
+        del padded
         inner = tuple(slice(a, local.shape[d] - b) for d, (a, b) in enumerate(pad))
         local = local[inner]
         if next_id + k > np.iinfo(out.dtype).max:
             out = out.astype(np.uint32)
         view = out[sl]
-        view[local > 0] = local[local > 0] + (next_id - 1)
+        hit = local > 0
+        view[hit] = local[hit].astype(out.dtype) + (next_id - 1)
+        del hit, local
         next_id += k
         if i % 256 == 0:
             check_cancelled(cancel, "Cell segmentation")
@@ -420,6 +454,9 @@ def cells_from_probabilities(
         tissue = close_gaps(cp.above(params.cell_threshold), params.gap_closing_vox)
     else:
         tissue = None
+    for p in (cp, bp, tp):
+        if p is not None:
+            p.release()
     if params.seed_method == "distance":
         seeds, n_seeds = split_by_distance(interior, voxel_size, params.seed_h_um, cancel=cancel)
     elif params.seed_method == "cascade":
@@ -447,6 +484,10 @@ def cells_from_probabilities(
         mask = tissue[a:b] if tissue is not None else None
         part = watershed(elevation, markers=seeds[a:b], mask=mask)
         labels[z0:z1] = part[z0 - a: z0 - a + (z1 - z0)]
+        del elevation, part
+        for p in (cp, bp):
+            if p is not None:
+                p.release()
         rep.update(i, message="")
         check_cancelled(cancel, "Cell segmentation")
     del seeds, tissue
@@ -457,13 +498,20 @@ def cells_from_probabilities(
 
 
 def _consecutive(labels: np.ndarray) -> np.ndarray:
-    """Ids 1..n (background 0) in the smallest unsigned dtype, via one lookup table."""
+    """Ids 1..n (background 0) in the smallest unsigned dtype, via one lookup table.
+
+    Rewritten slab by slab, in place when the dtype stays: no second full-size copy.
+    """
     present = np.bincount(labels.ravel()) > 0
     present[0] = False
     n = int(present.sum())
     lut = np.zeros(len(present), dtype=label_dtype(n))
     lut[present] = np.arange(1, n + 1)
-    return lut[labels]
+    out = labels if lut.dtype == labels.dtype else np.empty(labels.shape, lut.dtype)
+    plane = labels.shape[1] * labels.shape[2]
+    for z0, z1, _, _ in _slabs(labels.shape[0], plane, labels.shape[0], 0):
+        out[z0:z1] = lut[labels[z0:z1]]
+    return out
 
 
 def _elevation(cp: Optional[_Prob], bp: Optional[_Prob], index) -> np.ndarray:
@@ -482,15 +530,21 @@ def _dissolve_small_cells(labels, voxel_size, min_size_um3, bp, cp) -> np.ndarra
     small[0] = False
     if not small.any():
         return labels
-    keep = labels.copy()
-    plane = labels.shape[1] * labels.shape[2]
-    for z0, z1, a, b in _slabs(labels.shape[0], plane, labels.shape[0], 2):
-        region = small[labels[a:b]]
-        if not region.any():
+    keep = labels  # rewritten in place: only small cells' voxels change
+    # each small cell in its bounding box grown by 2 voxels: its neighbours flood it
+    boxes = ndi.find_objects(labels)
+    for cell in np.flatnonzero(small):
+        sl = boxes[cell - 1] if cell - 1 < len(boxes) else None
+        if sl is None:
             continue
-        markers = labels[a:b].copy()
-        markers[region] = 0
-        flooded = watershed(_elevation(cp, bp, np.s_[a:b]), markers=markers,
-                            mask=labels[a:b] > 0)
-        keep[z0:z1] = flooded[z0 - a: z0 - a + (z1 - z0)]
+        box = tuple(slice(max(0, s.start - 2), min(n, s.stop + 2))
+                    for s, n in zip(sl, labels.shape))
+        lab = labels[box].copy()
+        region = small[lab]
+        markers = np.where(region, 0, lab)
+        if not markers.any():
+            continue  # nothing but small cells around: it stays
+        flooded = watershed(_elevation(cp, bp, box), markers=markers, mask=lab > 0)
+        mine = (lab == cell) & (flooded > 0)
+        keep[box][mine] = flooded[mine]
     return keep

@@ -244,3 +244,21 @@ def test_cascade_levels_reach_the_deepest_erosion():
 
     assert cascade_levels(2.0) == (0.0, 0.6, 1.0, 1.5, 2.0)
     assert cascade_levels(0.0) == (0.0,)
+
+
+def test_releasing_a_memory_mapped_map_keeps_its_values(tmp_path):
+    """The pages a large probability map leaves behind are given back, the data stay."""
+    from core.segment import release_pages
+
+    probs = np.memmap(tmp_path / "p.u8", dtype=np.uint8, mode="w+", shape=(3, 8, 16, 16))
+    probs[:] = np.arange(probs.size, dtype=np.uint64).reshape(probs.shape) % 251
+    expected = np.asarray(probs).copy()
+    release_pages(probs[1])  # a channel view shares the mapping
+    np.testing.assert_array_equal(np.asarray(probs), expected)
+    gt = voronoi_tissue(shape=(8, 32, 32), n=6, seed=1)
+    cp, bp = probabilities_from(gt)
+    mm = np.memmap(tmp_path / "c.u8", dtype=np.uint8, mode="w+", shape=(2,) + gt.shape)
+    mm[0], mm[1] = np.round(cp * 255), np.round(bp * 255)
+    a = cells_from_probabilities(mm[0], mm[1], voxel_size=(1, 1, 1))
+    b = cells_from_probabilities(np.array(mm[0]), np.array(mm[1]), voxel_size=(1, 1, 1))
+    np.testing.assert_array_equal(a, b)
