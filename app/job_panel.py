@@ -115,6 +115,13 @@ class JobPanel(QWidget):
         self.status.setText("finished")
         self.finished.emit(result)
 
+    def refuse(self, problems) -> bool:
+        """Show what stops a run (a list of sentences); True when there is something."""
+        if problems:
+            self.show_problem(" ".join(problems))
+            return True
+        return False
+
     def show_problem(self, message: str) -> None:
         """Tell the user what is wrong (dialog + log) without starting anything."""
         self.last_error = message

@@ -272,23 +272,14 @@ def split_by_distance(interior: np.ndarray, voxel_size: Sequence[float], h_um: f
             dist = ndi.gaussian_filter(dist, smoothing_vox)
         peaks, k = ndi.label(h_maxima(dist, float(h_um)).astype(bool) & mask,
                              structure=np.ones((3, 3, 3), bool))
-        view = out[sl]
         if k <= 1:
-            view[mask] = next_id
-            next_id += 1
+            out, next_id = _put_seeds(out, sl, mask.view(np.uint8), next_id, 1)
         else:
             parts = watershed(-dist, markers=peaks, mask=mask)
-            if next_id + k > np.iinfo(out.dtype).max:
-                out = out.astype(np.uint32)
-                view = out[sl]
-            view[mask] = parts[mask] + (next_id - 1)
-            next_id += k
+            out, next_id = _put_seeds(out, sl, parts, next_id, k)
         if i % 256 == 0:
             check_cancelled(cancel, "Cell segmentation")
-    n_seeds = next_id - 1
-    if n_seeds < 65536 and out.dtype != np.uint16:
-        out = out.astype(np.uint16)
-    return out, n_seeds
+    return _seeds_result(out, next_id)
 
 
 def cascade_levels(max_erosion_um: float) -> Tuple[float, ...]:
@@ -369,15 +360,26 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
         del padded
         inner = tuple(slice(a, local.shape[d] - b) for d, (a, b) in enumerate(pad))
         local = local[inner]
-        if next_id + k > np.iinfo(out.dtype).max:
-            out = out.astype(np.uint32)
-        view = out[sl]
-        hit = local > 0
-        view[hit] = local[hit].astype(out.dtype) + (next_id - 1)
-        del hit, local
-        next_id += k
+        out, next_id = _put_seeds(out, sl, local, next_id, k)
+        del local
         if i % 256 == 0:
             check_cancelled(cancel, "Cell segmentation")
+    return _seeds_result(out, next_id)
+
+
+def _put_seeds(out: np.ndarray, sl, local: np.ndarray, next_id: int, k: int):
+    """Write a box's seeds ``local`` (1..k, 0 elsewhere) into ``out[sl]`` as ids from
+    ``next_id``; widens ``out`` to uint32 when needed. Returns (out, next free id)."""
+    if next_id + k > np.iinfo(out.dtype).max:
+        out = out.astype(np.uint32)
+    view = out[sl]
+    hit = local > 0
+    view[hit] = local[hit].astype(out.dtype) + (next_id - 1)
+    return out, next_id + k
+
+
+def _seeds_result(out: np.ndarray, next_id: int) -> Tuple[np.ndarray, int]:
+    """(seeds in uint16 when their count allows, number of seeds)."""
     n_seeds = next_id - 1
     if n_seeds < 65536 and out.dtype != np.uint16:
         out = out.astype(np.uint16)

@@ -125,9 +125,7 @@ class EvaluateTab(QWidget):
         return out
 
     def run(self) -> None:
-        problems = self.problems()
-        if problems:
-            self.panel.show_problem(" ".join(problems))
+        if self.panel.refuse(self.problems()):
             return
         self.panel.start(evaluate_files, gt_spec=self.gt.text(), pred_spec=self.pred.text(),
                          image_spec=self.image.text() or None, iou_threshold=self.iou.value(),

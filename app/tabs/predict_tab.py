@@ -111,9 +111,7 @@ class PredictTab(QWidget):
         return out
 
     def run(self) -> None:
-        problems = self.problems()
-        if problems:
-            self.panel.show_problem(" ".join(problems))
+        if self.panel.refuse(self.problems()):
             return
         self.result_list.clear()
         self.flag_table.setRowCount(0)

@@ -178,8 +178,7 @@ class PreprocessTab(QWidget):
             cfg = self.config()
         except EpiSegError as err:
             problems.append(str(err))
-        if problems:
-            self.panel.show_problem(" ".join(problems))
+        if self.panel.refuse(problems):
             return
         self.result_list.clear()
         self.results = []

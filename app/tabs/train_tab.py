@@ -176,8 +176,7 @@ class TrainTab(QWidget):
             cfg = self.config() if not problems else None
         except EpiSegError as err:
             problems.append(str(err))
-        if problems:
-            self.panel.show_problem(" ".join(problems))
+        if self.panel.refuse(problems):
             return
         if not self.resume.isChecked():
             self.reset_curves()
