@@ -30,8 +30,8 @@ from core.errors import EpiSegError, JobCancelled
 from core.jobs import ProgressEvent
 
 
-class _Runner(QObject):
-    """Lives in the worker thread; calls the function and emits what happened."""
+class _JobSignals(QObject):
+    """What a job tells: progress events, log lines, its result, its failure or cancel, the end."""
 
     progress = Signal(object)
     log = Signal(str)
@@ -39,6 +39,10 @@ class _Runner(QObject):
     failed = Signal(str)
     cancelled = Signal(str)
     done = Signal()
+
+
+class _Runner(_JobSignals):
+    """Lives in the worker thread; calls the function and emits what happened."""
 
     def __init__(self, fn: Callable[..., Any], kwargs: Dict[str, Any], cancel: threading.Event):
         super().__init__()
@@ -69,18 +73,11 @@ class _Runner(QObject):
             self.done.emit()
 
 
-class Job(QObject):
+class Job(_JobSignals):
     """Run ``fn(progress=..., cancel=..., **kwargs)`` in a worker thread.
 
     Connect to the signals, then call :meth:`start`. A Job runs once.
     """
-
-    progress = Signal(object)
-    log = Signal(str)
-    finished = Signal(object)
-    failed = Signal(str)
-    cancelled = Signal(str)
-    done = Signal()
 
     def __init__(self, fn: Callable[..., Any], parent: Optional[QObject] = None, **kwargs: Any):
         super().__init__(parent)
