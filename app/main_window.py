@@ -226,41 +226,37 @@ class MainWindow(QMainWindow):
         self.recent_menu.setEnabled(bool(files))
 
     def choose_load_config(self) -> None:
+        self._choose_config("Load settings", QFileDialog.getOpenFileName, self.load_config)
+
+    def choose_save_config(self) -> None:
+        self._choose_config("Save settings", QFileDialog.getSaveFileName, self.save_config)
+
+    def _choose_config(self, title: str, dialog, action) -> None:
         start = self.settings.value("last_config_folder", str(Path.home()))
-        path, _ = QFileDialog.getOpenFileName(self, "Load settings", start, "YAML (*.yaml *.yml)")
+        path, _ = dialog(self, title, start, "YAML (*.yaml *.yml)")
         if path:
-            self.load_config(path)
+            action(path)
 
     def load_config(self, path: str) -> bool:
         """Load ``path`` into the current tab; a bad file gives a message, nothing changes."""
-        from core.errors import EpiSegError
-
         tab = self.tabs.currentWidget()
-        try:
-            tab.set_config(load_tab_config(tab, path))
-        except EpiSegError as err:
-            self.show_error(str(err))
-            return False
-        self.settings.setValue("last_config_folder", str(Path(path).parent))
-        self.statusBar().showMessage(f"settings loaded from {path}", 10000)
-        return True
-
-    def choose_save_config(self) -> None:
-        start = self.settings.value("last_config_folder", str(Path.home()))
-        path, _ = QFileDialog.getSaveFileName(self, "Save settings", start, "YAML (*.yaml *.yml)")
-        if path:
-            self.save_config(path)
+        return self._config_file(path, "loaded from",
+                                 lambda: tab.set_config(load_tab_config(tab, path)))
 
     def save_config(self, path: str) -> bool:
+        return self._config_file(path, "saved to",
+                                 lambda: save_tab_config(self.tabs.currentWidget(), path))
+
+    def _config_file(self, path: str, done: str, work) -> bool:
         from core.errors import EpiSegError
 
         try:
-            save_tab_config(self.tabs.currentWidget(), path)
+            work()
         except EpiSegError as err:
             self.show_error(str(err))
             return False
         self.settings.setValue("last_config_folder", str(Path(path).parent))
-        self.statusBar().showMessage(f"settings saved to {path}", 10000)
+        self.statusBar().showMessage(f"settings {done} {path}", 10000)
         return True
 
     # ------------------------------------------------------------- files

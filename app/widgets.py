@@ -52,7 +52,19 @@ class PathField(QWidget):
             self.setText(path)
 
 
-class FileList(QWidget):
+class _DropsFiles(QWidget):
+    """A widget that takes local files dropped on it: subclasses define ``add_dropped(paths)``."""
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self.add_dropped([u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()])
+        event.acceptProposedAction()
+
+
+class FileList(_DropsFiles):
     """Several stacks: Add (file dialog), Remove, and drag-and-drop of files.
 
     Signals: ``changed()``, ``selected(spec)`` when the user selects an entry.
@@ -117,17 +129,8 @@ class FileList(QWidget):
         paths, _ = QFileDialog.getOpenFileNames(self, "Add stacks", str(Path.home()), STACK_FILTER)
         self.add(paths)
 
-    def dragEnterEvent(self, event) -> None:  # noqa: N802 (Qt name)
-        if event.mimeData().hasUrls():
-            event.acceptProposedAction()
-
-    def dropEvent(self, event) -> None:  # noqa: N802 (Qt name)
-        self.add([u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()])
-        event.acceptProposedAction()
-
-
-def set_checked(widget, value: bool) -> None:
-    widget.setCheckState(Qt.Checked if value else Qt.Unchecked)
+    def add_dropped(self, paths) -> None:
+        self.add(paths)
 
 
 def form_box(title: str, rows, *more_columns) -> QGroupBox:
@@ -151,7 +154,7 @@ def looks_like_labels(path: str) -> bool:
                ("label", "labels", "mask", "masks", "gt", "seg", "segmentation", "cells"))
 
 
-class DataTable(QWidget):
+class DataTable(_DropsFiles):
     """Training or validation volumes: rows of (raw stack, label stack) or a preprocessed .h5.
 
     Add pairs with a file dialog (raw stacks, then their labels), preprocessed
@@ -257,13 +260,8 @@ class DataTable(QWidget):
         for p in paths:
             self.add_preprocessed(p)
 
-    def dragEnterEvent(self, event) -> None:  # noqa: N802 (Qt name)
-        if event.mimeData().hasUrls():
-            event.acceptProposedAction()
-
-    def dropEvent(self, event) -> None:  # noqa: N802 (Qt name)
-        self.add_files([u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()])
-        event.acceptProposedAction()
+    def add_dropped(self, paths) -> None:
+        self.add_files(paths)
 
 
 #: What the label column says for a preprocessed file (its labels are inside).

@@ -34,7 +34,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -50,22 +49,6 @@ WHOLE_MAX = 8_000_000
 MONAI_FAST_MAX = 40_000_000
 
 
-class HeapSampler(threading.Thread):
-    """Largest anonymous resident memory (the heap, not memory-mapped files) seen."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.stop, self.peak = threading.Event(), 0.0
-
-    def run(self):
-        while not self.stop.is_set():
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("RssAnon:"):
-                        self.peak = max(self.peak, int(line.split()[1]) / 1024)
-            time.sleep(0.1)
-
-
 # ------------------------------------------------------------------ in a child process
 def child(method: str, model_path: str, image_path: str, work: Path) -> dict:
     import torch
@@ -73,12 +56,14 @@ def child(method: str, model_path: str, image_path: str, work: Path) -> dict:
     from core.checkpoint import load_model_for_inference
     from core.predict import plan_grid, predict_probabilities, prepare_model
 
+    from benchmarks.predict_speed import RssSampler
+
     model, info = load_model_for_inference(model_path, "cpu")
     image = np.load(image_path, mmap_mode="r")
     shape = image.shape
     grid = plan_grid(model, shape)
     tile = tuple(int(t) for t in grid.tile_shape)
-    heap = HeapSampler()
+    heap = RssSampler(every_s=0.1)  # its ``anon``: the largest heap seen
     heap.start()
     t0 = time.perf_counter()
     if method == "ours":
@@ -107,7 +92,7 @@ def child(method: str, model_path: str, image_path: str, work: Path) -> dict:
             torch.sigmoid(net(xt))
     seconds = time.perf_counter() - t0
     heap.stop.set()
-    return {"seconds": seconds, "heap_mib": heap.peak, "tile": list(tile),
+    return {"seconds": seconds, "heap_mib": heap.anon, "tile": list(tile),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -121,7 +121,7 @@ def run_block(model_path: str, image_path: str, block_file: str, z_rows: Tuple[i
     import zarr
 
     from core.io.atomic import atomic_path
-    from core.predict import block_extent, make_grid, predict_probabilities
+    from core.predict import block_extent, plan_grid, predict_probabilities
 
     if os.path.exists(block_file):
         return block_file
@@ -130,7 +130,7 @@ def run_block(model_path: str, image_path: str, block_file: str, z_rows: Tuple[i
     device = str(resolve_device(None if device == "auto" else device))
     image = zarr.open_array(image_path, mode="r")
     model = _worker_model(model_path, os.path.getmtime(model_path), device, threads)
-    grid = make_grid(tuple(image.shape), tile_shape, overlap, _divisor(model))
+    grid = plan_grid(model, tuple(image.shape), tile_shape=tile_shape, overlap=overlap)
     zs, ys = block_extent(grid, z_rows, y_rows)
     out = _BlockOut((n_channels,) + tuple(image.shape), zs, ys)
     predict_probabilities(model, image, tile_shape=tile_shape, overlap=overlap, device=device,
@@ -139,13 +139,6 @@ def run_block(model_path: str, image_path: str, block_file: str, z_rows: Tuple[i
         with open(tmp, "wb") as fh:
             np.save(fh, out.data)
     return block_file
-
-
-def _divisor(model):
-    from core.model import required_divisor
-
-    cfg = getattr(model, "cfg", None)
-    return required_divisor(cfg) if cfg is not None else (1, 1, 1)
 
 
 class _BlockOut:
@@ -221,15 +214,15 @@ class DaskPredictor:
         from distributed import as_completed
 
         done = len(blocks) - len(todo)
-        rep.update(done, message="")
+        counter = ProgressReporter(progress, "predict", total=len(blocks))
+        counter.update(done, message="")
         try:
             for fut in as_completed(futures):
                 if is_cancelled(cancel):
                     break
                 fut.result()  # raises a worker's error here
                 done += 1
-                ProgressReporter(progress, "predict", total=len(blocks)).update(
-                    done, message=f"block {done}/{len(blocks)}")
+                counter.update(done, message=f"block {done}/{len(blocks)}")
         finally:
             pending = [f for f in futures if not f.done()]
             if pending:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from core.jobs import CancelFlag, ProgressFn, ProgressReporter
+from core.jobs import CancelFlag, ProgressFn
 from core.metrics import CELL_COLUMNS, EvaluationResult, evaluate
 from core.volume import Volume
 
@@ -29,12 +29,14 @@ class EvaluatedFiles:
 
 
 def evaluate_files(gt_spec: str, pred_spec: str, image_spec: Optional[str] = None, *,
-                   iou_threshold: float = 0.5, components: bool = True,
-                   progress: ProgressFn = None, cancel: CancelFlag = None) -> EvaluatedFiles:
+                   progress: ProgressFn = None, cancel: CancelFlag = None,
+                   **options) -> EvaluatedFiles:
     """Read ground truth and prediction (file specs) and score the prediction.
 
     ``image_spec``: the raw stack, read only to be shown with the labels; it
-    must have their shape. Raises VolumeDataError when shapes differ.
+    must have their shape. ``options``: :func:`core.metrics.evaluate`'s
+    (iou_threshold, connectivity, split_merge_fraction, components).
+    Raises VolumeDataError when shapes differ.
     """
     from core.io import check_same_shape, read_labels, read_volume
 
@@ -43,17 +45,18 @@ def evaluate_files(gt_spec: str, pred_spec: str, image_spec: Optional[str] = Non
     image = read_volume(image_spec) if image_spec else None
     if image is not None:
         check_same_shape(image, gt)
-    result = evaluate(gt.data, pred.data, iou_threshold=iou_threshold, components=components,
-                      names=(f"ground truth {gt_spec}", f"prediction {pred_spec}"),
-                      progress=progress, cancel=cancel)
-    r = result
-    ProgressReporter(progress, "evaluate").message(
-        f"{r.n_gt_cells} cells in the ground truth, {r.n_pred_cells} predicted: "
-        f"{r.n_matched} matched at IoU >= {r.iou_threshold:g}, {r.n_split} split, "
-        f"{r.n_merged} merged, {r.n_missed} missed, {r.n_false_positive} false positives; "
-        f"cell IoU {r.cell_iou:.3f}, AP{r.iou_threshold * 100:g} {r.ap:.3f}, "
-        f"adapted Rand error {r.adapted_rand_error:.3f}")
+    result = evaluate(gt.data, pred.data, names=(f"ground truth {gt_spec}", f"prediction {pred_spec}"),
+                      progress=progress, cancel=cancel, **options)
     return EvaluatedFiles(result, gt, pred, image)
+
+
+def summary_line(r: EvaluationResult) -> str:
+    """The evaluation in one sentence (counts of matched, split, merged, missed cells...)."""
+    return (f"{r.n_gt_cells} cells in the ground truth, {r.n_pred_cells} predicted: "
+            f"{r.n_matched} matched at IoU >= {r.iou_threshold:g}, {r.n_split} split, "
+            f"{r.n_merged} merged, {r.n_missed} missed, {r.n_false_positive} false positives; "
+            f"cell IoU {r.cell_iou:.3f}, AP{r.iou_threshold * 100:g} {r.ap:.3f}, "
+            f"adapted Rand error {r.adapted_rand_error:.3f}")
 
 
 def write_figures_json(path: Union[str, Path], result: EvaluationResult,

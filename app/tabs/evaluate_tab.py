@@ -21,7 +21,9 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
 
 from app.job_panel import JobPanel
 from app.widgets import STACK_FILTER, PathField, form_box
-from core.evaluate_files import EvaluatedFiles, evaluate_files, write_cells_csv, write_figures_json
+from core.evaluate_files import (EvaluatedFiles, evaluate_files, summary_line, write_cells_csv,
+                                 write_figures_json)
+from core.io import split_spec
 from core.metrics import CELL_COLUMNS
 
 #: (key of EvaluationResult.to_dict(), label, what it means)
@@ -119,8 +121,7 @@ class EvaluateTab(QWidget):
         for field, what in ((self.gt, "a ground-truth label stack"), (self.pred, "a predicted label stack")):
             if not field.text():
                 out.append(f"Choose {what}.")
-            elif not Path(field.text().rsplit(":", 1)[0] if not Path(field.text()).exists()
-                          else field.text()).exists():
+            elif not split_spec(field.text())[0].exists():
                 out.append(f"{field.text()} does not exist.")
         return out
 
@@ -133,6 +134,7 @@ class EvaluateTab(QWidget):
 
     def _finished(self, ev: EvaluatedFiles) -> None:
         self.evaluated = ev
+        self.panel.append_log(summary_line(ev.result))
         d = ev.result.to_dict()
         self.figures.setRowCount(len(FIGURES))
         for i, (key, label, meaning) in enumerate(FIGURES):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from core.cli.progress import TerminalProgress
-from core.evaluate_files import write_cells_csv, write_figures_json
-from core.metrics import EvaluationResult, evaluate
+from core.evaluate_files import evaluate_files, write_cells_csv, write_figures_json
+from core.metrics import EvaluationResult
 
 DESCRIPTION = """\
 Compare a predicted label stack with its ground truth and print the scores:
@@ -60,20 +60,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.io import read_labels
-
-    gt = read_labels(args.gt)
-    pred = read_labels(args.pred)
     with TerminalProgress(quiet=args.quiet) as bar:
-        result = evaluate(
-            gt.data, pred.data,
+        result = evaluate_files(
+            args.gt, args.pred,
             iou_threshold=args.iou_threshold,
             connectivity=args.connectivity,
             split_merge_fraction=args.split_merge_fraction,
             components=not args.no_components,
-            names=(f"ground truth {args.gt}", f"prediction {args.pred}"),
             progress=bar,
-        )
+        ).result
     print(format_report(result, args.gt, args.pred))
     if args.json_file:
         write_figures_json(args.json_file, result, {"gt": args.gt, "pred": args.pred})
