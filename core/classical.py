@@ -22,7 +22,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from core.errors import ConfigError, VolumeDataError
-from core.volume import label_dtype
+from core.volume import label_counts, label_dtype
 
 
 @dataclass
@@ -70,7 +70,7 @@ def classical_cells(image: np.ndarray, voxel_size: Sequence[float],
     peaks = h_maxima(dist, params.seed_h_um) if params.seed_h_um > 0 else dist > 0
     seeds, _ = ndi.label(peaks & ~membrane, structure=np.ones((3, 3, 3), bool))
     labels = watershed(smooth, markers=seeds)
-    sizes = np.bincount(labels.ravel()).astype(float) * float(np.prod(vs))
+    sizes = label_counts(labels).astype(float) * float(np.prod(vs))
     sizes[0] = 0
     present = sizes > 0
     if not present.any():

@@ -39,7 +39,7 @@ from skimage.segmentation import watershed
 
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
-from core.volume import label_dtype
+from core.volume import label_counts, label_dtype
 
 
 @dataclass
@@ -139,6 +139,7 @@ class _Prob:
     """
 
     def __init__(self, array, name: str):
+        self.source = array  # a np.memmap keeps its mapping (np.asarray drops it)
         self.a = np.asarray(array)
         if self.a.ndim != 3:
             raise VolumeDataError(f"{name} must be a 3D (Z, Y, X) array, got shape {self.a.shape}.")
@@ -154,7 +155,7 @@ class _Prob:
         return self.a[index].astype(np.float32) / np.float32(self.scale)
 
     def release(self) -> None:
-        release_pages(self.a)
+        release_pages(self.source)
 
 
 #: Voxels per block of the slab-wise steps (watershed, gap closing): bounds their
@@ -235,7 +236,7 @@ def find_seeds(
     seeds, n = _label_compact(mask)
     if n and min_size_um3 > 0:
         voxel_um3 = float(np.prod(voxel_size))
-        sizes = np.bincount(seeds.ravel(), minlength=n + 1)
+        sizes = label_counts(seeds, minlength=n + 1)
         keep = sizes * voxel_um3 >= min_size_um3
         keep[0] = False
         if not keep[1:].all():
@@ -340,7 +341,7 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
             has = np.zeros(m + 1, bool)
             if k:
                 has[comp[local > 0]] = True
-            big = np.bincount(comp.ravel(), minlength=m + 1) * voxel_um3 >= min_size_um3
+            big = label_counts(comp, minlength=m + 1) * voxel_um3 >= min_size_um3
             new = ~has & big
             new[0] = False
             ids = np.flatnonzero(new)
@@ -504,7 +505,7 @@ def _consecutive(labels: np.ndarray) -> np.ndarray:
 
     Rewritten slab by slab, in place when the dtype stays: no second full-size copy.
     """
-    present = np.bincount(labels.ravel()) > 0
+    present = label_counts(labels) > 0
     present[0] = False
     n = int(present.sum())
     lut = np.zeros(len(present), dtype=label_dtype(n))
@@ -527,7 +528,7 @@ def _dissolve_small_cells(labels, voxel_size, min_size_um3, bp, cp) -> np.ndarra
     """Give cells below ``min_size_um3`` to their neighbours by a second watershed."""
     if min_size_um3 <= 0 or labels.max() == 0:
         return labels
-    sizes = np.bincount(labels.ravel())
+    sizes = label_counts(labels)
     small = sizes * float(np.prod(voxel_size)) < min_size_um3
     small[0] = False
     if not small.any():

@@ -49,6 +49,30 @@ def label_dtype(max_id: int) -> np.dtype:
     raise VolumeDataError(f"Label id {max_id} is too large for any unsigned integer type.")
 
 
+#: Voxels counted per block by :func:`label_counts` (an int64 copy of a block: 128 MiB).
+COUNT_BLOCK_VOXELS = 16 * 1024 * 1024
+
+
+def label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Voxels per label id (index = id) of a ZYX label stack, counted block by block.
+
+    ``np.bincount`` on a whole uint16 stack first copies it as int64 (2 GB for
+    234 x 1024 x 1024); counting in blocks of whole Z slices keeps that copy
+    to one block. Returns int64 counts of length ``max(max id + 1, minlength)``.
+    """
+    flat_planes = labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else labels[None]
+    step = max(1, COUNT_BLOCK_VOXELS // max(1, flat_planes.shape[1]))
+    counts = np.zeros(max(int(minlength), 1), np.int64)
+    for z0 in range(0, flat_planes.shape[0], step):
+        part = np.bincount(flat_planes[z0:z0 + step].ravel(), minlength=len(counts))
+        if len(part) > len(counts):
+            part[: len(counts)] += counts
+            counts = part
+        else:
+            counts += part
+    return counts
+
+
 def as_labels(data: np.ndarray, where: str = "labels") -> np.ndarray:
     """Return ``data`` as a label stack in the smallest unsigned dtype.
 

@@ -262,3 +262,43 @@ def test_releasing_a_memory_mapped_map_keeps_its_values(tmp_path):
     a = cells_from_probabilities(mm[0], mm[1], voxel_size=(1, 1, 1))
     b = cells_from_probabilities(np.array(mm[0]), np.array(mm[1]), voxel_size=(1, 1, 1))
     np.testing.assert_array_equal(a, b)
+
+
+def _rss_file_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc")
+def test_the_cell_step_gives_back_the_pages_of_a_memory_mapped_map(tmp_path):
+    """A 96 MiB memory-mapped probability map does not stay in the process' memory
+    after the cells are made (a full stack's maps would otherwise add ~750 MiB)."""
+    from core.segment import _Prob
+
+    shape = (3, 24, 1024, 1365)  # 3 channels of 32 MiB
+    mm = np.memmap(tmp_path / "p.u8", dtype=np.uint8, mode="w+", shape=shape)
+    mm[:] = 7
+    mm.flush()
+    del mm
+    probs = np.memmap(tmp_path / "p.u8", dtype=np.uint8, mode="r", shape=shape)
+    before = _rss_file_mib()
+    prob = _Prob(probs[1], "boundary_prob")
+    assert int(prob.above(0.01).sum()) == prob.a.size  # reads every page of the channel
+    assert _rss_file_mib() - before > 24
+    prob.release()
+    assert _rss_file_mib() - before < 8
+
+
+def test_label_counts_equal_a_bincount_of_the_whole_stack(monkeypatch):
+    import core.volume as volume
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 300, size=(9, 17, 23)).astype(np.uint16)
+    monkeypatch.setattr(volume, "COUNT_BLOCK_VOXELS", 2 * 17 * 23)  # blocks of 2 slices
+    np.testing.assert_array_equal(volume.label_counts(labels), np.bincount(labels.ravel()))
+    counts = volume.label_counts(labels, minlength=1000)
+    assert len(counts) == 1000 and counts.sum() == labels.size
+    assert volume.label_counts(np.zeros((2, 3, 4), np.uint8)).tolist() == [24]
