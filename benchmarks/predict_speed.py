@@ -5,7 +5,11 @@ Examples (from the repository root)::
     .venv/bin/python benchmarks/predict_speed.py                      # 64x256x256, small preset
     .venv/bin/python benchmarks/predict_speed.py --cpu-paths          # CPU kernel choices
     .venv/bin/python benchmarks/predict_speed.py --shape 234x1024x1024 --memmap /tmp/bench
+    .venv/bin/python benchmarks/predict_speed.py --compare --model MODEL.pt   # vs MONAI, 4 sizes
 
+``--compare`` runs ``benchmarks/predict_compare.py`` (the side-by-side comparison
+with MONAI's sliding window, a whole-volume pass and ``episeg predict`` end to
+end; its other options pass through).
 Prints the tile chosen, threads, throughput (input voxels per second of wall
 time, and per CPU second, which is steadier on a shared machine) and the peak
 resident memory of the process (ru_maxrss, includes memory-mapped pages).
@@ -92,6 +96,13 @@ def cpu_paths(preset: str, norm: str, shape) -> None:
 
 
 def main() -> None:
+    import sys
+
+    if "--compare" in sys.argv[1:]:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks.predict_compare import main as compare
+
+        raise SystemExit(compare([a for a in sys.argv[1:] if a != "--compare"]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help="model preset (small, standard)")
     ap.add_argument("--norm", default=None, help="override the preset's norm (group, batch, ...)")
@@ -101,6 +112,8 @@ def main() -> None:
     ap.add_argument("--tta", action="store_true", help="8-flip test-time augmentation")
     ap.add_argument("--memmap", default=None, help="folder for np.memmap input and output (big volumes)")
     ap.add_argument("--cpu-paths", action="store_true", help="compare CPU kernel paths on one tile")
+    ap.add_argument("--compare", action="store_true",
+                    help="run benchmarks/predict_compare.py (against MONAI; needs --model)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split("x"))
     kw = {} if args.norm is None else {"norm": args.norm}

@@ -35,7 +35,9 @@ from scipy import ndimage as ndi
 from core.errors import VolumeDataError
 from core.io.atomic import atomic_path
 from core import segment
+from core.scratch import release_pages
 from core.segment import _Prob
+from core.volume import label_counts
 
 #: Columns of the CSV written by :func:`write_flags_csv`, in order.
 COLUMNS = ("rank", "cell_id", "score", "reason", "z", "y", "x", "volume_um3",
@@ -92,7 +94,7 @@ def cell_flags(
         if prob is not None and np.shape(prob) != np.shape(labels):
             raise VolumeDataError(f"{name} probability {np.shape(prob)} and labels "
                                   f"{np.shape(labels)} must have the same shape.")
-    n = int(np.max(labels)) if np.size(labels) else 0
+    n = len(label_counts(labels)) - 1 if np.size(labels) else 0
     if n == 0:
         return []
     bp = None if boundary_prob is None else _Prob(boundary_prob, "boundary probability")
@@ -192,6 +194,7 @@ def _accumulate(labels, bp, cp, n, voxel_size, margin_um) -> Dict[str, Any]:
         for prob in (bp, cp):
             if prob is not None:
                 prob.release()
+        release_pages(labels)  # a memory-mapped label stack (core.scratch)
         if z0 == 0:
             acc["border"][np.unique(core[0])] = True
         if z1 == shape[0]:

@@ -6,16 +6,17 @@ One function per step, all over ZYX arrays with voxel sizes in micrometres:
     voxel size -> sliding-window probabilities -> resample back -> cells
     (seeded watershed) -> write ``STEM_cells.<fmt>`` (+ probabilities)
 
-Memory is bounded by the stack's own arrays in their smallest dtypes: the
-normalised image is never materialised (tiles are normalised as they are
-read), probabilities are kept as uint8, and large probability maps go to a
-temporary memory-mapped file next to the outputs.
+Memory: the normalised image is never materialised (tiles are normalised as
+they are read), probabilities are kept as uint8, and every stack-sized working
+array of a large stack (probabilities, masks, seeds, labels) is a memory-mapped
+temporary file next to the outputs whose pages are handed back slab by slab
+(:mod:`core.scratch`), so the process' memory does not grow with the stack
+beyond the input image itself.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +26,12 @@ import numpy as np
 
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
+from core.scratch import release_pages, scratch_array
 from core.segment import SegmentParams, cells_from_probabilities
 from core.volume import Volume
 
 #: Output formats and their file extensions.
 FORMATS = {"tif": ".tif", "mat": ".mat", "h5": ".h5"}
-#: Probability maps above this many bytes go to a memory-mapped temporary file.
-MEMMAP_ABOVE_BYTES = 512 * 1024 ** 2
 
 
 @dataclass
@@ -90,6 +90,7 @@ class NormalisedView:
     def __getitem__(self, index) -> np.ndarray:
         out = np.subtract(self.raw[index], self.offset, dtype=np.float32)
         out *= self.inv_scale
+        release_pages(self.raw)  # a memory-mapped stack (core.scratch) is read tile by tile
         return out
 
     def __array__(self, dtype=None, copy=None):
@@ -151,20 +152,6 @@ def _resize_channel(prob: np.ndarray, shape: Tuple[int, int, int]) -> np.ndarray
     return out
 
 
-def _probability_store(shape: Tuple[int, ...], work_dir: Optional[Path]) -> np.ndarray:
-    """uint8 array for probabilities; memory-mapped on disk when large."""
-    nbytes = int(np.prod(shape))
-    if nbytes <= MEMMAP_ABOVE_BYTES:
-        return np.zeros(shape, dtype=np.uint8)
-    folder = work_dir if work_dir is not None else Path(tempfile.gettempdir())
-    handle = tempfile.NamedTemporaryFile(prefix=".episeg-prob-", suffix=".u8", dir=folder,
-                                         delete=False)
-    handle.close()
-    arr = np.memmap(handle.name, dtype=np.uint8, mode="w+", shape=shape)
-    os.unlink(handle.name)  # the mapping stays valid; nothing is left behind on a crash (POSIX)
-    return arr
-
-
 def segment_stack(
     volume: Volume,
     model,
@@ -218,7 +205,8 @@ def segment_stack(
 
     t1 = time.monotonic()
     n_channels = len(info.channels)
-    store = _probability_store((n_channels,) + tuple(image.shape), work_dir)
+    # large maps live in an unlinked file beside the outputs (core.scratch)
+    store = scratch_array((n_channels,) + tuple(image.shape), np.uint8, work_dir)
     (network or predict_probabilities)(
         model, image, tile_shape=config.tile_shape, overlap=config.overlap,
         batch_size=config.batch_size, device=None if config.device == "auto" else config.device,
@@ -226,14 +214,12 @@ def segment_stack(
     )
     # the image is not needed any more: a caller that did not keep the volume frees it here
     del image, view, raw, volume
-    from core.segment import release_pages
-
     release_pages(store)  # written: its pages may leave this process' memory
     times["network"] = time.monotonic() - t1
 
     t2 = time.monotonic()
     if resample:
-        back = np.zeros((n_channels,) + shape, dtype=np.uint8)
+        back = scratch_array((n_channels,) + shape, np.uint8, work_dir)
         for c in range(n_channels):
             back[c] = _resize_channel(store[c], shape)
         store = back
@@ -241,8 +227,9 @@ def segment_stack(
     cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
     boundary_prob = channel.get("boundary", channel.get("boundaries"))
     labels = cells_from_probabilities(
-        cell_prob, boundary_prob, tissue_prob=channel.get("tissue"), voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
-        params=config.segment, progress=progress, cancel=cancel,
+        cell_prob, boundary_prob, tissue_prob=channel.get("tissue"),
+        voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
+        params=config.segment, work_dir=work_dir, progress=progress, cancel=cancel,
     )
     times["cells"] = time.monotonic() - t2
     flags = None

@@ -35,6 +35,7 @@ from torch import nn
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.model import fuse_batchnorm, required_divisor
+from core.scratch import release_pages
 from core.tiling import OverlapSpec, TileGrid, auto_tile_shape, make_grid
 
 Triple = Tuple[int, int, int]
@@ -402,6 +403,7 @@ class _SlidingWindow:
             b = b.mul_(255.0).round_()
         b = b.cpu().numpy()
         self.out[:, z0:z0 + nz, y0:y0 + ny, :] = b.astype(self.out.dtype, copy=False)
+        release_pages(self.out)  # a memory-mapped output's written pages leave the heap
 
     def run(self, batch_size: int, rep: ProgressReporter, cancel: CancelFlag,
             rows: Tuple[int, int, int, int]) -> None:

@@ -62,6 +62,7 @@ from core import __version__
 from core.config import FieldProblem, to_yaml
 from core.errors import ConfigError, VolumeDataError, VolumeReadError, VolumeWriteError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
+from core.scratch import release_pages
 from core.volume import Volume, as_labels
 
 Vec3 = Tuple[float, float, float]
@@ -306,6 +307,7 @@ def _chunked_mean_std(img: np.ndarray, mask: Optional[np.ndarray], ddof: int = 1
         v = img[z:z + step] if mask is None else img[z:z + step][mask[z:z + step]]
         total += float(v.sum(dtype=np.float64))
         count += int(v.size)
+        release_pages(img)  # a memory-mapped stack's pages go back as they are read
     if count <= ddof:
         raise VolumeDataError("The normalisation mask selects too few voxels to compute a "
                               "standard deviation; use zscore_mask: all.")
@@ -314,6 +316,7 @@ def _chunked_mean_std(img: np.ndarray, mask: Optional[np.ndarray], ddof: int = 1
     for z in range(0, img.shape[0], step):
         v = img[z:z + step] if mask is None else img[z:z + step][mask[z:z + step]]
         sq += float(np.square(v.astype(np.float64) - mean).sum())
+        release_pages(img)
     return mean, math.sqrt(sq / (count - ddof))
 
 

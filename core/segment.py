@@ -18,9 +18,11 @@ Cells are recovered in three steps:
    ``all``); otherwise the cell voxels with the thin gaps between cells closed
    again, while the lumen and the outside stay background (0).
 3. **Watershed** of the boundary probability (or ``1 - cell_prob``) from the
-   seeds inside the mask, run slab by slab along Z with a halo. Seeds carry
-   global ids, so slabs stitch without seams and memory stays bounded by the
-   slab, not the stack.
+   seeds inside the mask, run slab by slab along Z with a halo, one slab per
+   CPU at a time. Seeds carry global ids, so slabs stitch without seams and
+   memory stays bounded by the slabs, not the stack (the stack-sized masks,
+   seeds and labels of a large stack are memory-mapped scratch files,
+   :mod:`core.scratch`).
 
 Cells smaller than ``min_cell_size_um3`` are dissolved into their neighbours
 and ids are made consecutive: background 0, cells 1..n.
@@ -28,7 +30,8 @@ and ids are made consecutive: background 0, cells 1..n.
 
 from __future__ import annotations
 
-import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Tuple
 
@@ -39,6 +42,7 @@ from skimage.segmentation import watershed
 
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
+from core.scratch import release_pages, scratch_array
 from core.volume import label_counts, label_dtype
 
 
@@ -116,21 +120,6 @@ def ball_um(radius_um: float, voxel_size: Sequence[float]) -> Optional[np.ndarra
     return np.asarray(dist <= 1.0)
 
 
-def release_pages(array) -> None:
-    """Let the OS take back the pages of a memory-mapped array that this process has read.
-
-    The data stay in the file (and the page cache); the next read maps them
-    again. Keeps a large memory-mapped probability map from counting in the
-    process' memory all at once. No-op for arrays in memory.
-    """
-    mm = getattr(array, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
-
-
 class _Prob:
     """A probability map kept in its stored dtype (uint8 0..255 or float in [0, 1]).
 
@@ -145,17 +134,30 @@ class _Prob:
             raise VolumeDataError(f"{name} must be a 3D (Z, Y, X) array, got shape {self.a.shape}.")
         self.scale = 255.0 if self.a.dtype == np.uint8 else 1.0
 
-    def above(self, threshold: float) -> np.ndarray:
-        return self.a > threshold * self.scale
+    def above(self, threshold: float, index=Ellipsis) -> np.ndarray:
+        return self.a[index] > threshold * self.scale
 
-    def below(self, threshold: float) -> np.ndarray:
-        return self.a < threshold * self.scale
+    def below(self, threshold: float, index=Ellipsis) -> np.ndarray:
+        return self.a[index] < threshold * self.scale
 
     def f32(self, index=Ellipsis) -> np.ndarray:
         return self.a[index].astype(np.float32) / np.float32(self.scale)
 
     def release(self) -> None:
         release_pages(self.source)
+
+
+#: Memory the watershed's blocks may use at once, and what one block needs per voxel
+#: (skimage's float64 relief and padded copies; ~25 measured on 28 x 1024 x 1024 blocks).
+WATERSHED_MEMORY_BYTES = 2 * 1024 ** 3
+WATERSHED_BYTES_PER_VOXEL = 28
+
+
+def watershed_workers(block_voxels: int) -> int:
+    """Watershed blocks run at once: one per CPU, as many as fit in
+    :data:`WATERSHED_MEMORY_BYTES` (at least one)."""
+    fit = WATERSHED_MEMORY_BYTES // max(1, block_voxels * WATERSHED_BYTES_PER_VOXEL)
+    return int(max(1, min(os.cpu_count() or 1, fit)))
 
 
 #: Voxels per block of the slab-wise steps (watershed, gap closing): bounds their
@@ -171,7 +173,7 @@ def _slabs(n_z: int, plane: int, slab_z: int, halo: int):
         yield z0, z1, max(0, z0 - halo), min(n_z, z1 + halo)
 
 
-def close_gaps(mask: np.ndarray, radius_vox: int) -> np.ndarray:
+def close_gaps(mask: np.ndarray, radius_vox: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Fill the thin gaps between cells in a boolean ZYX tissue mask.
 
     A voxel is filled when, along one of the 13 lattice directions, mask voxels
@@ -179,18 +181,23 @@ def close_gaps(mask: np.ndarray, radius_vox: int) -> np.ndarray:
     closings). Unlike a closing with a ball this also fills the mouths of
     gaps where they open onto the lumen or the outside, while the background
     next to the tissue, which has tissue on one side only, stays background.
-    The stack border continues the mask (edge padding).
+    The stack border continues the mask (edge padding). ``out``: where to write
+    the result (e.g. a :func:`core.scratch.scratch_array`); a new array if None.
     """
     if radius_vox <= 0:
-        return mask
+        if out is None:
+            return mask
+        out[...] = mask
+        return out
     r = int(radius_vox)
     plane = mask.shape[1] * mask.shape[2]
-    if mask.size <= SLAB_VOXELS:
+    if mask.size <= SLAB_VOXELS and out is None:
         return _close_gaps_block(mask, r)
-    out = np.empty_like(mask)
+    out = np.empty(mask.shape, bool) if out is None else out
     # a voxel's result depends on the mask within 2r of it: a 2r halo makes slabs exact
     for z0, z1, a, b in _slabs(mask.shape[0], plane, mask.shape[0], 2 * r):
-        out[z0:z1] = _close_gaps_block(mask[a:b], r)[z0 - a: z0 - a + (z1 - z0)]
+        out[z0:z1] = _close_gaps_block(np.asarray(mask[a:b]), r)[z0 - a: z0 - a + (z1 - z0)]
+        release_pages(mask, out)
     return out
 
 
@@ -291,8 +298,8 @@ def cascade_levels(max_erosion_um: float) -> Tuple[float, ...]:
 
 
 def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion_um: float,
-                  min_size_um3: float = 0.0, *, cancel: CancelFlag = None
-                  ) -> Tuple[np.ndarray, int]:
+                  min_size_um3: float = 0.0, *, cancel: CancelFlag = None,
+                  work_dir=None) -> Tuple[np.ndarray, int]:
     """Seeds that adapt to the cell size: pieces of a boolean ZYX ``interior``, cut by erosion.
 
     Each connected piece is eroded in its own bounding box by every radius of
@@ -301,8 +308,9 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
     (when at least ``min_size_um3``). So two cells joined by a bridge narrower
     than the deepest erosion get one seed each, while a cell too small for that
     erosion keeps the seed of the deepest level it survives. The stack's faces
-    do not erode (a cell cut by them keeps its seed). Memory: the pieces and
-    the seeds (uint16 when they fit) plus one bounding box at a time.
+    do not erode (a cell cut by them keeps its seed). Memory: one bounding box
+    at a time; the pieces and the seeds (uint16 when they fit) are scratch
+    arrays (on disk in ``work_dir`` when large, :mod:`core.scratch`).
     Returns (seeds 1..n, n).
     """
     vs = tuple(float(v) for v in voxel_size)
@@ -310,12 +318,17 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
     footprints = [fp for fp in (ball_um(e, vs) for e in cascade_levels(max_erosion_um)[1:])
                   if fp is not None]
     radius = [max([fp.shape[a] // 2 for fp in footprints] + [0]) for a in range(3)]
-    pieces, n = _label_compact(interior)
-    out = np.zeros(interior.shape, dtype=np.uint16)  # widened only if the seeds need it
+    pieces, n = _label_compact(interior, work_dir)
+    release_pages(interior)
+    boxes = ndi.find_objects(pieces)
+    release_pages(pieces)
+    out = scratch_array(interior.shape, np.uint16, work_dir)  # widened only if the seeds need it
     next_id = 1
-    for i, sl in enumerate(ndi.find_objects(pieces), start=1):
+    for i, sl in enumerate(boxes, start=1):
         if sl is None:
             continue
+        if i % 64 == 0:
+            release_pages(pieces, out)
         mask = pieces[sl] == i
         if mask.sum() * voxel_um3 < min_size_um3:
             continue
@@ -325,7 +338,7 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
         padded = np.pad(mask, pad)
         del mask
         # compact types throughout: a piece's box can be most of a large stack
-        local = np.zeros(padded.shape, np.uint16)
+        local = scratch_array(padded.shape, np.uint16, work_dir)
         k = 0
         # an erosion wider than the piece (away from the stack's faces) leaves nothing
         inside_faces = [s.start > 0 and s.stop < n_ax for s, n_ax in zip(sl, interior.shape)]
@@ -334,7 +347,7 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
             if any(f and e < fs for f, e, fs in zip(inside_faces, extent, fp.shape)):
                 continue
             eroded = ndi.binary_erosion(padded, structure=fp, border_value=1)
-            comp, m = _label_compact(eroded)
+            comp, m = _label_compact(eroded, work_dir)
             del eroded
             if m == 0:
                 continue
@@ -365,6 +378,7 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
         del local
         if i % 256 == 0:
             check_cancelled(cancel, "Cell segmentation")
+    release_pages(pieces, out)
     return _seeds_result(out, next_id)
 
 
@@ -387,19 +401,22 @@ def _seeds_result(out: np.ndarray, next_id: int) -> Tuple[np.ndarray, int]:
     return out, n_seeds
 
 
-def _label_compact(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+def _label_compact(mask: np.ndarray, work_dir=None) -> Tuple[np.ndarray, int]:
     """Connected components (26-connectivity) as uint16 when the count allows it.
 
-    A 234 x 1024 x 1024 stack then needs 0.5 GB for the seeds instead of 1 GB.
+    A 234 x 1024 x 1024 stack then needs 0.5 GB for the seeds instead of 1 GB;
+    large results are scratch arrays in ``work_dir`` (:mod:`core.scratch`).
     """
     structure = np.ones((3, 3, 3), bool)
-    try:
-        out = np.zeros(mask.shape, dtype=np.uint16)
-        n = ndi.label(mask, structure=structure, output=out)
-        return out, int(n)
-    except RuntimeError:  # more than 65535 components
-        seeds, n = ndi.label(mask, structure=structure)
-        return seeds, int(n)
+    for dtype in (np.uint16, np.int32):
+        out = scratch_array(mask.shape, dtype, work_dir)
+        try:
+            n = ndi.label(mask, structure=structure, output=out)
+            return out, int(n)
+        except RuntimeError:  # more than 65535 components: the wider type
+            del out
+    raise VolumeDataError("More than 2 billion pieces of cell interior: the probability map "
+                          "is noise; check the model and the stack.")
 
 
 def cells_from_probabilities(
@@ -409,6 +426,7 @@ def cells_from_probabilities(
     tissue_prob: Optional[np.ndarray] = None,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     params: Optional[SegmentParams] = None,
+    work_dir=None,
     progress: ProgressFn = None,
     cancel: CancelFlag = None,
 ) -> np.ndarray:
@@ -422,6 +440,9 @@ def cells_from_probabilities(
         given it is the tissue mask, otherwise the mask comes from cell_prob.
     voxel_size : (z, y, x) in micrometres, used for every size and radius.
     params : :class:`SegmentParams`; defaults when None.
+    work_dir : folder for the stack-sized working arrays of a large stack
+        (memory-mapped, unlinked at once; :mod:`core.scratch`); None = the
+        system's temporary folder.
 
     Returns
     -------
@@ -444,27 +465,35 @@ def cells_from_probabilities(
     n_slabs = len(list(_slabs(shape[0], shape[1] * shape[2], params.slab_z, 0)))
     rep = ProgressReporter(progress, "cells", total=1 + n_slabs)
 
-    # 1. tissue mask and seeds
+    # 1. tissue mask and seeds, thresholded slab by slab into scratch arrays
+    probs = [p for p in (cp, bp, tp) if p is not None]
     if cp is not None:
-        interior = cp.above(params.seed_threshold)
-        if bp is not None:
-            interior &= bp.below(params.seed_max_boundary)
+        def seedable(index):
+            part = cp.above(params.seed_threshold, index)
+            if bp is not None:
+                part &= bp.below(params.seed_max_boundary, index)
+            return part
     else:
-        interior = bp.below(params.seed_threshold)
+        def seedable(index):
+            return bp.below(params.seed_threshold, index)
+    interior = _mask_by_slabs(shape, seedable, work_dir, probs)
     if tp is not None:
-        tissue = tp.above(params.tissue_threshold)
+        tissue = _mask_by_slabs(shape, lambda index: tp.above(params.tissue_threshold, index),
+                                work_dir, probs)
     elif cp is not None:
-        tissue = close_gaps(cp.above(params.cell_threshold), params.gap_closing_vox)
+        cells = _mask_by_slabs(shape, lambda index: cp.above(params.cell_threshold, index),
+                               work_dir, probs)
+        tissue = close_gaps(cells, params.gap_closing_vox,
+                            out=scratch_array(shape, bool, work_dir))
+        del cells
     else:
         tissue = None
-    for p in (cp, bp, tp):
-        if p is not None:
-            p.release()
     if params.seed_method == "distance":
         seeds, n_seeds = split_by_distance(interior, voxel_size, params.seed_h_um, cancel=cancel)
     elif params.seed_method == "cascade":
         seeds, n_seeds = cascade_seeds(interior, voxel_size, params.seed_erosion_um,
-                                       params.min_seed_size_um3, cancel=cancel)
+                                       params.min_seed_size_um3, cancel=cancel,
+                                       work_dir=work_dir)
     else:
         footprint = ball_um(params.seed_erosion_um, voxel_size)
         if footprint is not None:  # erode here so the un-eroded mask is freed before labelling
@@ -477,30 +506,55 @@ def cells_from_probabilities(
     check_cancelled(cancel, "Cell segmentation")
 
     # 2. watershed slab by slab; seeds have global ids so slabs agree at their borders
-    labels = np.zeros(shape, dtype=label_dtype(n_seeds))
+    labels = scratch_array(shape, label_dtype(n_seeds), work_dir)
     plane = shape[1] * shape[2]
     # the halo lets each block see the seeds its cells have just above and below it
     # (eroded seeds stop short of a cell's end by the erosion radius)
     halo = 2 + 2 * int(np.ceil(params.seed_erosion_um / float(voxel_size[0])))
-    for i, (z0, z1, a, b) in enumerate(_slabs(shape[0], plane, params.slab_z, halo), start=2):
-        elevation = _elevation(cp, bp, np.s_[a:b])
-        mask = tissue[a:b] if tissue is not None else None
-        part = watershed(elevation, markers=seeds[a:b], mask=mask)
+    blocks = list(_slabs(shape[0], plane, params.slab_z, halo))
+
+    def flood(block) -> None:  # skimage's watershed releases the GIL: blocks run in threads
+        z0, z1, a, b = block
+        mask = None if tissue is None else np.asarray(tissue[a:b])
+        part = watershed(_elevation(cp, bp, np.s_[a:b]), markers=np.asarray(seeds[a:b]),
+                         mask=mask)
         labels[z0:z1] = part[z0 - a: z0 - a + (z1 - z0)]
-        del elevation, part
-        for p in (cp, bp):
-            if p is not None:
-                p.release()
-        rep.update(i, message="")
-        check_cancelled(cancel, "Cell segmentation")
+
+    largest = max(b - a for _, _, a, b in blocks) * plane
+    with ThreadPoolExecutor(watershed_workers(largest)) as pool:
+        pending = [pool.submit(flood, block) for block in blocks]
+        try:
+            for i, done in enumerate(as_completed(pending), start=2):
+                done.result()
+                # shared file mappings: other threads' pages fault back in, nothing is lost
+                release_pages(seeds, tissue, labels)
+                for p in probs:
+                    p.release()
+                rep.update(i, message="")
+                check_cancelled(cancel, "Cell segmentation")
+        finally:
+            for future in pending:
+                future.cancel()
     del seeds, tissue
 
     # 3. dissolve tiny cells into their neighbours, then ids 1..n
     labels = _dissolve_small_cells(labels, voxel_size, params.min_cell_size_um3, bp, cp)
-    return _consecutive(labels)
+    return _consecutive(labels, work_dir)
 
 
-def _consecutive(labels: np.ndarray) -> np.ndarray:
+def _mask_by_slabs(shape, mask_of, work_dir, probs) -> np.ndarray:
+    """A boolean scratch array (:mod:`core.scratch`) filled slab by slab with
+    ``mask_of(index)``; the probability pages read are handed back as it goes."""
+    out = scratch_array(shape, bool, work_dir)
+    for z0, z1, _, _ in _slabs(shape[0], shape[1] * shape[2], shape[0], 0):
+        out[z0:z1] = mask_of(np.s_[z0:z1])
+        release_pages(out)
+        for p in probs:
+            p.release()
+    return out
+
+
+def _consecutive(labels: np.ndarray, work_dir=None) -> np.ndarray:
     """Ids 1..n (background 0) in the smallest unsigned dtype, via one lookup table.
 
     Rewritten slab by slab, in place when the dtype stays: no second full-size copy.
@@ -510,10 +564,11 @@ def _consecutive(labels: np.ndarray) -> np.ndarray:
     n = int(present.sum())
     lut = np.zeros(len(present), dtype=label_dtype(n))
     lut[present] = np.arange(1, n + 1)
-    out = labels if lut.dtype == labels.dtype else np.empty(labels.shape, lut.dtype)
+    out = labels if lut.dtype == labels.dtype else scratch_array(labels.shape, lut.dtype, work_dir)
     plane = labels.shape[1] * labels.shape[2]
     for z0, z1, _, _ in _slabs(labels.shape[0], plane, labels.shape[0], 0):
         out[z0:z1] = lut[labels[z0:z1]]
+        release_pages(labels, out)
     return out
 
 
@@ -526,9 +581,11 @@ def _elevation(cp: Optional[_Prob], bp: Optional[_Prob], index) -> np.ndarray:
 
 def _dissolve_small_cells(labels, voxel_size, min_size_um3, bp, cp) -> np.ndarray:
     """Give cells below ``min_size_um3`` to their neighbours by a second watershed."""
-    if min_size_um3 <= 0 or labels.max() == 0:
+    if min_size_um3 <= 0:
         return labels
     sizes = label_counts(labels)
+    if len(sizes) <= 1:  # no cells
+        return labels
     small = sizes * float(np.prod(voxel_size)) < min_size_um3
     small[0] = False
     if not small.any():
@@ -536,7 +593,10 @@ def _dissolve_small_cells(labels, voxel_size, min_size_um3, bp, cp) -> np.ndarra
     keep = labels  # rewritten in place: only small cells' voxels change
     # each small cell in its bounding box grown by 2 voxels: its neighbours flood it
     boxes = ndi.find_objects(labels)
-    for cell in np.flatnonzero(small):
+    release_pages(labels)
+    for k, cell in enumerate(np.flatnonzero(small)):
+        if k % 64 == 63:
+            release_pages(labels)
         sl = boxes[cell - 1] if cell - 1 < len(boxes) else None
         if sl is None:
             continue

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from core.errors import VolumeDataError
+from core.scratch import release_pages
 
 VoxelSize = Tuple[float, float, float]
 
@@ -70,6 +71,7 @@ def label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
             counts = part
         else:
             counts += part
+        release_pages(labels)  # a memory-mapped stack's counted pages go back to the OS
     return counts
 
 

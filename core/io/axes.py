@@ -15,6 +15,7 @@ import numpy as np
 
 from core.errors import VolumeDataError
 from core.io.base import Source, fmt_shape
+from core.scratch import release_pages, scratch_array
 
 #: Bytes per block when copying from a lazy (HDF5) dataset, to bound memory.
 BLOCK_BYTES = 64 * 2**20
@@ -188,17 +189,22 @@ def to_zyx(src: Source, *, channel: Optional[int], time: Optional[int], where: s
         dtype = dtype.newbyteorder("=")
 
     data = src.data
-    if isinstance(data, np.ndarray) and not isinstance(data, np.memmap):
+    as_is = (isinstance(data, np.memmap) and axes == "ZYX" and data.dtype == dtype
+             and data.flags.c_contiguous)
+    if as_is:  # already ZYX, e.g. a large TIFF decoded into a scratch file: no copy
+        out = data
+    elif isinstance(data, np.ndarray) and not isinstance(data, np.memmap):
         block = data[tuple(index)].transpose(order)
         out = np.ascontiguousarray(block, dtype=dtype)
-    else:
-        out = np.empty(out_shape, dtype=dtype)
+    else:  # files read block by block; a large result is a scratch file (core.scratch)
+        out = scratch_array(out_shape, dtype)
         plane = max(1, int(np.prod(out_shape[1:])) * dtype.itemsize)
         step = max(1, BLOCK_BYTES // plane)
         for z0 in range(0, out_shape[0], step):
             z1 = min(out_shape[0], z0 + step)
             index[zpos] = slice(z0, z1)
             out[z0:z1] = np.asarray(data[tuple(index)]).transpose(order)
+            release_pages(out, data)
     info = {"axes_in_file": nat_axes, "axes_guessed": guessed, "shape_in_file": nat_shape}
     info.update(picked)
     return out, info

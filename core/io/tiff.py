@@ -28,6 +28,7 @@ import tifffile
 
 from core.errors import VolumeDataError
 from core.io.base import Entry, Source
+from core.scratch import SCRATCH_ABOVE_BYTES, scratch_array
 from core.volume import VoxelSize
 
 EXTENSIONS = (".tif", ".tiff")
@@ -130,7 +131,12 @@ def open_source(path: Path, name: Optional[str]) -> Iterator[Source]:
             voxel = _ome_voxel(tf, index)
         if voxel is None and tf.is_shaped:
             voxel = _shaped_voxel(tf)
-        data = series.asarray()
+        # a large stack is decoded into a memory-mapped scratch file (core.scratch):
+        # its pages can leave the process' memory while it is read tile by tile
+        nbytes = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
+        scratch = (scratch_array(series.shape, series.dtype)
+                   if nbytes > SCRATCH_ABOVE_BYTES else None)
+        data = series.asarray(out=scratch)
         meta = {"tiff_series": len(series_list), "photometric": str(series.keyframe.photometric.name)}
         yield Source(
             data=data,

@@ -293,3 +293,27 @@ def test_real_celegans_tiff(shared_data, tmp_path):
     # through MATLAB v7.3 and back, unchanged
     back = read_volume(write_volume(tmp_path / "c.mat", vol, mat_version="7.3"))
     np.testing.assert_array_equal(back.data, vol.data)
+
+
+def test_a_large_tiff_is_read_into_a_scratch_file_with_the_same_voxels(tmp_path, monkeypatch):
+    """Stacks above the scratch size are decoded into an unlinked memory-mapped file:
+    same voxels, ZYX, nothing left in the temporary folder."""
+    import tempfile
+
+    import tifffile
+
+    import core.io.tiff as tiff_io
+    import core.scratch as scratch
+    from core.io import read_volume
+
+    data = (np.arange(6 * 20 * 30, dtype=np.uint16) * 7).reshape(6, 20, 30)
+    tifffile.imwrite(tmp_path / "stack.tif", data, imagej=True, metadata={"axes": "ZYX"})
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setattr(tiff_io, "SCRATCH_ABOVE_BYTES", 0)
+    monkeypatch.setattr(scratch, "SCRATCH_ABOVE_BYTES", 0)
+    vol = read_volume(str(tmp_path / "stack.tif"))
+    assert isinstance(vol.data, np.memmap)
+    np.testing.assert_array_equal(vol.data, data)
+    assert list(folder.iterdir()) == []

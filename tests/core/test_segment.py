@@ -141,6 +141,11 @@ def test_small_memory_blocks_give_the_same_cells(monkeypatch):
     assert np.array_equal(seg.close_gaps(tissue, 2), closed_whole)
     blocks = cells_from_probabilities(cp, bp)
     assert (whole == blocks).mean() > 0.999
+    # blocks flooded one at a time or several at once (threads) give the same cells
+    monkeypatch.setattr(seg, "watershed_workers", lambda voxels: 1)
+    np.testing.assert_array_equal(cells_from_probabilities(cp, bp), blocks)
+    monkeypatch.setattr(seg, "watershed_workers", lambda voxels: 4)
+    np.testing.assert_array_equal(cells_from_probabilities(cp, bp), blocks)
 
 
 def test_a_tissue_channel_gives_the_exact_outline_of_the_tissue():
@@ -248,7 +253,7 @@ def test_cascade_levels_reach_the_deepest_erosion():
 
 def test_releasing_a_memory_mapped_map_keeps_its_values(tmp_path):
     """The pages a large probability map leaves behind are given back, the data stay."""
-    from core.segment import release_pages
+    from core.scratch import release_pages
 
     probs = np.memmap(tmp_path / "p.u8", dtype=np.uint8, mode="w+", shape=(3, 8, 16, 16))
     probs[:] = np.arange(probs.size, dtype=np.uint64).reshape(probs.shape) % 251
@@ -302,3 +307,27 @@ def test_label_counts_equal_a_bincount_of_the_whole_stack(monkeypatch):
     counts = volume.label_counts(labels, minlength=1000)
     assert len(counts) == 1000 and counts.sum() == labels.size
     assert volume.label_counts(np.zeros((2, 3, 4), np.uint8)).tolist() == [24]
+
+
+@pytest.mark.parametrize("method", ["cascade", "interior"])
+def test_working_arrays_on_disk_give_the_same_cells_and_leave_no_files(tmp_path, monkeypatch,
+                                                                       method):
+    """A large stack's masks, seeds and labels live in unlinked files (core.scratch):
+    the cells and their flags are the same as in memory, and the folder stays empty."""
+    import core.scratch as scratch
+    from core.flags import cell_flags
+
+    gt = voronoi_tissue(shape=(16, 48, 48), n=10, seed=4)
+    cp, bp = probabilities_from(gt)
+    params = SegmentParams(seed_method=method, min_cell_size_um3=30.0)
+    in_memory = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params)
+    monkeypatch.setattr(scratch, "SCRATCH_ABOVE_BYTES", 0)
+    on_disk = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params,
+                                       work_dir=tmp_path)
+    assert isinstance(on_disk, np.memmap)
+    np.testing.assert_array_equal(np.asarray(on_disk), in_memory)
+    assert cell_flags(on_disk, bp, cp, voxel_size=(1, 1, 1)) == cell_flags(
+        in_memory, bp, cp, voxel_size=(1, 1, 1))
+    assert list(tmp_path.iterdir()) == []
+    assert n_cells(in_memory) == 10
+
