@@ -40,6 +40,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
+from core.components import label_components
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages, scratch_array
@@ -402,21 +403,13 @@ def _seeds_result(out: np.ndarray, next_id: int) -> Tuple[np.ndarray, int]:
 
 
 def _label_compact(mask: np.ndarray, work_dir=None) -> Tuple[np.ndarray, int]:
-    """Connected components (26-connectivity) as uint16 when the count allows it.
+    """Connected components (26-connectivity) as uint16 when the count allows it, slab
+    by slab on large stacks (:func:`core.components.label_components`).
 
     A 234 x 1024 x 1024 stack then needs 0.5 GB for the seeds instead of 1 GB;
     large results are scratch arrays in ``work_dir`` (:mod:`core.scratch`).
     """
-    structure = np.ones((3, 3, 3), bool)
-    for dtype in (np.uint16, np.int32):
-        out = scratch_array(mask.shape, dtype, work_dir)
-        try:
-            n = ndi.label(mask, structure=structure, output=out)
-            return out, int(n)
-        except RuntimeError:  # more than 65535 components: the wider type
-            del out
-    raise VolumeDataError("More than 2 billion pieces of cell interior: the probability map "
-                          "is noise; check the model and the stack.")
+    return label_components(mask, work_dir)
 
 
 def cells_from_probabilities(

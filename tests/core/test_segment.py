@@ -314,6 +314,7 @@ def test_working_arrays_on_disk_give_the_same_cells_and_leave_no_files(tmp_path,
                                                                        method):
     """A large stack's masks, seeds and labels live in unlinked files (core.scratch):
     the cells and their flags are the same as in memory, and the folder stays empty."""
+    import core.components as components
     import core.scratch as scratch
     from core.flags import cell_flags
 
@@ -322,6 +323,7 @@ def test_working_arrays_on_disk_give_the_same_cells_and_leave_no_files(tmp_path,
     params = SegmentParams(seed_method=method, min_cell_size_um3=30.0)
     in_memory = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params)
     monkeypatch.setattr(scratch, "SCRATCH_ABOVE_BYTES", 0)
+    monkeypatch.setattr(components, "BLOCK_VOXELS", 3 * 48 * 48)  # pieces labelled in slabs
     on_disk = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params,
                                        work_dir=tmp_path)
     assert isinstance(on_disk, np.memmap)
