@@ -13,11 +13,14 @@ still finishes: the OS writes such pages out instead of running out.
 from __future__ import annotations
 
 import mmap
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
+
+from core.errors import VolumeWriteError
 
 #: Working arrays above this many bytes go to a memory-mapped temporary file.
 SCRATCH_ABOVE_BYTES = 128 * 1024 ** 2
@@ -35,10 +38,21 @@ def scratch_array(shape: Tuple[int, ...], dtype, folder: Optional[Union[str, Pat
     if int(np.prod(shape)) * dtype.itemsize <= limit:
         return np.zeros(shape, dtype=dtype)
     folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
-    # an anonymous temporary file: unlinked at once on POSIX, deleted when the last
-    # handle (the mapping's own) closes on Windows; nothing is left behind on a crash
-    with tempfile.TemporaryFile(prefix=".episeg-", dir=folder) as handle:
-        return np.memmap(handle, dtype=dtype, mode="w+", shape=tuple(shape))
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    try:
+        # an anonymous temporary file: unlinked at once on POSIX, deleted when the last
+        # handle (the mapping's own) closes on Windows; nothing is left behind on a crash
+        with tempfile.TemporaryFile(prefix=".episeg-", dir=folder) as handle:
+            if hasattr(os, "posix_fallocate"):
+                # reserve the blocks now: a sparse file on a full disk would crash the
+                # process later (SIGBUS) instead of failing here with a message
+                os.posix_fallocate(handle.fileno(), 0, nbytes)
+            return np.memmap(handle, dtype=dtype, mode="w+", shape=tuple(shape))
+    except OSError as err:
+        raise VolumeWriteError(
+            f"Could not make a {nbytes / 1024 ** 3:.1f} GiB working file in {folder} "
+            f"({err.strerror or err}). Large stacks keep their working arrays on disk "
+            "beside the outputs: free space there or choose another output folder.") from err
 
 
 def release_pages(*arrays) -> None:

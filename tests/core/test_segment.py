@@ -333,3 +333,13 @@ def test_working_arrays_on_disk_give_the_same_cells_and_leave_no_files(tmp_path,
     assert list(tmp_path.iterdir()) == []
     assert n_cells(in_memory) == 10
 
+
+
+def test_no_room_for_a_working_file_is_a_clear_error(tmp_path, monkeypatch):
+    """A full disk (or a folder that is gone) is named, with what to do, before any work."""
+    import core.scratch as scratch
+    from core.errors import VolumeWriteError
+
+    monkeypatch.setattr(scratch, "SCRATCH_ABOVE_BYTES", 0)
+    with pytest.raises(VolumeWriteError, match="free space there or choose another output folder"):
+        scratch.scratch_array((4, 8, 8), np.uint8, tmp_path / "missing")
