@@ -241,7 +241,7 @@ def find_seeds(
     footprint = ball_um(erosion_um, voxel_size)
     if footprint is not None:
         mask = ndi.binary_erosion(mask, structure=footprint, border_value=1)
-    seeds, n = _label_compact(mask)
+    seeds, n = label_components(mask)
     if n and min_size_um3 > 0:
         voxel_um3 = float(np.prod(voxel_size))
         sizes = label_counts(seeds, minlength=n + 1)
@@ -269,7 +269,7 @@ def split_by_distance(interior: np.ndarray, voxel_size: Sequence[float], h_um: f
     (which keeps the slab-wise watershed exact). Returns (seeds 1..n, n).
     """
     vs = tuple(float(v) for v in voxel_size)
-    pieces, n = _label_compact(interior)
+    pieces, n = label_components(interior)
     out = np.zeros(interior.shape, dtype=np.uint16 if 4 * n < 65535 else np.uint32)
     next_id = 1
     for i, sl in enumerate(ndi.find_objects(pieces), start=1):
@@ -319,7 +319,7 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
     footprints = [fp for fp in (ball_um(e, vs) for e in cascade_levels(max_erosion_um)[1:])
                   if fp is not None]
     radius = [max([fp.shape[a] // 2 for fp in footprints] + [0]) for a in range(3)]
-    pieces, n = _label_compact(interior, work_dir)
+    pieces, n = label_components(interior, work_dir)
     release_pages(interior)
     boxes = ndi.find_objects(pieces)
     release_pages(pieces)
@@ -348,7 +348,7 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
             if any(f and e < fs for f, e, fs in zip(inside_faces, extent, fp.shape)):
                 continue
             eroded = ndi.binary_erosion(padded, structure=fp, border_value=1)
-            comp, m = _label_compact(eroded, work_dir)
+            comp, m = label_components(eroded, work_dir)
             del eroded
             if m == 0:
                 continue
@@ -400,16 +400,6 @@ def _seeds_result(out: np.ndarray, next_id: int) -> Tuple[np.ndarray, int]:
     if n_seeds < 65536 and out.dtype != np.uint16:
         out = out.astype(np.uint16)
     return out, n_seeds
-
-
-def _label_compact(mask: np.ndarray, work_dir=None) -> Tuple[np.ndarray, int]:
-    """Connected components (26-connectivity) as uint16 when the count allows it, slab
-    by slab on large stacks (:func:`core.components.label_components`).
-
-    A 234 x 1024 x 1024 stack then needs 0.5 GB for the seeds instead of 1 GB;
-    large results are scratch arrays in ``work_dir`` (:mod:`core.scratch`).
-    """
-    return label_components(mask, work_dir)
 
 
 def cells_from_probabilities(
