@@ -28,7 +28,7 @@ import tifffile
 
 from core.errors import VolumeDataError
 from core.io.base import Entry, Source
-from core.scratch import SCRATCH_ABOVE_BYTES, scratch_array
+from core.scratch import scratch_array
 from core.volume import VoxelSize
 
 EXTENSIONS = (".tif", ".tiff")
@@ -133,10 +133,7 @@ def open_source(path: Path, name: Optional[str]) -> Iterator[Source]:
             voxel = _shaped_voxel(tf)
         # a large stack is decoded into a memory-mapped scratch file (core.scratch):
         # its pages can leave the process' memory while it is read tile by tile
-        nbytes = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
-        scratch = (scratch_array(series.shape, series.dtype)
-                   if nbytes > SCRATCH_ABOVE_BYTES else None)
-        data = series.asarray(out=scratch)
+        data = series.asarray(out=scratch_array(series.shape, series.dtype))
         meta = {"tiff_series": len(series_list), "photometric": str(series.keyframe.photometric.name)}
         yield Source(
             data=data,

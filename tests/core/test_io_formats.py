@@ -302,7 +302,6 @@ def test_a_large_tiff_is_read_into_a_scratch_file_with_the_same_voxels(tmp_path,
 
     import tifffile
 
-    import core.io.tiff as tiff_io
     import core.scratch as scratch
     from core.io import read_volume
 
@@ -311,7 +310,6 @@ def test_a_large_tiff_is_read_into_a_scratch_file_with_the_same_voxels(tmp_path,
     folder = tmp_path / "tmp"
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    monkeypatch.setattr(tiff_io, "SCRATCH_ABOVE_BYTES", 0)
     monkeypatch.setattr(scratch, "SCRATCH_ABOVE_BYTES", 0)
     vol = read_volume(str(tmp_path / "stack.tif"))
     assert isinstance(vol.data, np.memmap)
