@@ -101,11 +101,9 @@ def _touching(below: np.ndarray, above: np.ndarray) -> np.ndarray:
 
 def _label_in_memory(mask: np.ndarray, work_dir) -> Tuple[np.ndarray, int]:
     """``ndi.label`` into a uint16 output, or int32 when the count needs it."""
-    for dtype in (np.uint16, np.int32):
-        out = scratch_array(mask.shape, dtype, work_dir)
-        try:
-            n = ndi.label(mask, structure=_FULL, output=out)
-            return out, int(n)
-        except RuntimeError:  # more than 65535 components: the wider type
-            del out
-    raise RuntimeError("unreachable: int32 holds every component count of a stack")
+    try:
+        out = scratch_array(mask.shape, np.uint16, work_dir)
+        return out, int(ndi.label(mask, structure=_FULL, output=out))
+    except RuntimeError:  # more than 65535 components: the wider type
+        out = scratch_array(mask.shape, np.int32, work_dir)
+        return out, int(ndi.label(mask, structure=_FULL, output=out))

@@ -63,7 +63,7 @@ from core.config import FieldProblem, to_yaml
 from core.errors import ConfigError, VolumeDataError, VolumeReadError, VolumeWriteError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages
-from core.volume import Volume, as_labels
+from core.volume import Volume, as_labels, label_counts
 
 Vec3 = Tuple[float, float, float]
 FORMAT = "episeg-preprocessed"
@@ -265,12 +265,12 @@ class LabelResampleReport:
 
 
 def label_ids(labels: np.ndarray) -> np.ndarray:
-    """Sorted non-zero ids present in ``labels`` (fast path via bincount)."""
+    """Sorted non-zero ids present in ``labels`` (fast path via slab-wise counts)."""
     if labels.size == 0:
         return np.zeros(0, dtype=np.int64)
     hi = int(labels.max())
     if labels.dtype.kind in "ui" and hi < (1 << 26):
-        ids = np.flatnonzero(np.bincount(labels.ravel(), minlength=hi + 1))
+        ids = np.flatnonzero(label_counts(labels))
     else:
         ids = np.unique(labels)
     return ids[ids != 0].astype(np.int64)
