@@ -102,10 +102,10 @@ def normalised_view(raw: np.ndarray, normalisation: Dict[str, Any]) -> Normalise
     """Normalise ``raw`` as the model's training data were (per-volume statistics).
 
     ``normalisation`` is the model file's description, e.g. ``{"mode": "zscore",
-    "mask": "all"}`` or ``{"mode": "percentile", "low": 1, "high": 99.8}``; the
-    statistics are recomputed on this volume, as in training.
+    "mask": "all"}``, ``{"mode": "robust"}`` or ``{"mode": "percentile", "low": 1,
+    "high": 99.8}``; the statistics are recomputed on this volume, as in training.
     """
-    from core.preprocess import zscore_stats
+    from core.preprocess import robust_stats, zscore_stats
 
     mode = normalisation.get("mode", "zscore")
     if mode == "zscore":
@@ -114,6 +114,12 @@ def normalised_view(raw: np.ndarray, normalisation: Dict[str, Any]) -> Normalise
             raise VolumeDataError("The stack is constant, so there is nothing to segment; "
                                   "check that the right file or dataset was given.")
         return NormalisedView(raw, stats["mean"], stats["std"])
+    if mode == "robust":
+        stats = robust_stats(raw)
+        if not stats["spread"] > 0:
+            raise VolumeDataError("The stack is constant, so there is nothing to segment; "
+                                  "check that the right file or dataset was given.")
+        return NormalisedView(raw, stats["median"], stats["spread"])
     if mode == "percentile":
         lo, hi = _percentiles(raw, normalisation.get("low", 1.0), normalisation.get("high", 99.8))
         if not hi > lo:

@@ -995,6 +995,8 @@ def _normalisation_config(norm: Dict[str, Any], where: str) -> NormalisationConf
 def _normalisation_dict(nc: NormalisationConfig) -> Dict[str, Any]:
     if nc.mode == "zscore":
         return {"mode": "zscore", "mask": nc.zscore_mask}
+    if nc.mode == "robust":
+        return {"mode": "robust"}
     if nc.mode == "percentile":
         return {"mode": "percentile", "low": nc.low, "high": nc.high, "clip": nc.clip}
     return {"mode": "none"}

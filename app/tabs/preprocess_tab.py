@@ -64,9 +64,10 @@ class PreprocessTab(QWidget):
         self.input_voxel.setPlaceholderText("z, y, x um; only when the file records none")
         self.anti_aliasing = QCheckBox("Smooth before shrinking (anti-aliasing)")
         self.normalise = QComboBox()
-        self.normalise.addItems(["zscore", "percentile", "none"])
+        self.normalise.addItems(["zscore", "robust", "percentile", "none"])
         self.normalise.setToolTip("zscore: (x - mean) / std per stack (thesis, default); "
-                                  "percentile: (x - low) / (high - low)")
+                                  "robust: (x - median) / (1.4826 MAD), unchanged by a bright "
+                                  "spot; percentile: (x - low) / (high - low)")
         self.low, self.high = QDoubleSpinBox(), QDoubleSpinBox()
         for box in (self.low, self.high):
             box.setRange(0, 100)

@@ -69,8 +69,9 @@ def register(subparsers) -> None:
                     help="Do not smooth the image before downsampling (as the thesis).")
 
     nm = p.add_argument_group("normalisation")
-    nm.add_argument("--normalise", choices=["zscore", "percentile", "none"],
-                    help="zscore: (x - mean) / std per volume (default, thesis); percentile: "
+    nm.add_argument("--normalise", choices=["zscore", "robust", "percentile", "none"],
+                    help="zscore: (x - mean) / std per volume (default, thesis); robust: "
+                         "(x - median) / (1.4826 MAD), unchanged by a bright spot; percentile: "
                          "(x - p_low) / (p_high - p_low); none.")
     nm.add_argument("--percentiles", metavar="LOW,HIGH",
                     help="Percentiles for --normalise percentile (default 1,99.8).")

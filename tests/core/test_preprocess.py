@@ -175,6 +175,27 @@ def test_percentile_normalisation():
     assert info["p_low"] == pytest.approx(np.percentile(img, 1), rel=1e-5)
 
 
+def test_robust_normalisation_ignores_a_bright_spot():
+    """A saturated nucleus (~1 % of the stack) doubles the std but not the robust spread."""
+    rng = np.random.default_rng(5)
+    img = rng.normal(100, 10, (16, 64, 64)).astype(np.float32)
+    spotted = img.copy()
+    spotted[6:10, 10:20, 10:20] = 4000  # 0.6 % of the voxels
+    cfg = from_dict(PreprocessConfig, {"normalisation": {"mode": "robust"}})
+    clean_out, clean = normalise(img, cfg.normalisation)
+    spot_out, spot = normalise(spotted, cfg.normalisation)
+    assert clean["mode"] == "robust" and clean["spread"] == pytest.approx(10, rel=0.03)
+    assert spot["spread"] == pytest.approx(clean["spread"], rel=0.03)
+    assert spotted.std() > 20 * img.std()  # a plain z-score would shrink the contrast 20x
+    away = np.ones(img.shape, bool)
+    away[6:10, 10:20, 10:20] = False
+    np.testing.assert_allclose(spot_out[away], clean_out[away], atol=0.05)
+    flat = np.zeros((4, 8, 8), np.float32)
+    flat[0, 0, :4] = 1  # MAD 0 (most voxels equal): falls back to the standard deviation
+    out, info = normalise(flat, cfg.normalisation)
+    assert info["spread"] == pytest.approx(flat.std()) and np.isfinite(out).all()
+
+
 # ------------------------------------------------------------- volume + HDF5 file
 def make_volume(rng, max_id=3):
     lab = np.zeros((12, 32, 32), np.int64)

@@ -220,6 +220,23 @@ def test_other_targets_losses_and_preprocessed_inputs(stacks, tmp_path):
     assert np.isfinite(result.train_losses[0]) and result.valid_metrics[0]  # held-out part
 
 
+def test_a_robust_normalised_model_normalises_new_stacks_the_same_way(stacks, tmp_path):
+    from core.io import read_volume
+    from core.pipeline import normalised_view
+
+    cfg = from_dict(TrainConfig, {**to_dict(config(stacks)), "epochs": 1,
+                                  "iterations_per_epoch": 2,
+                                  "data": {**to_dict(config(stacks))["data"],
+                                           "normalisation": {"mode": "robust"}}})
+    train(cfg, tmp_path / "robust.pt")
+    data = load_model_file(tmp_path / "robust.pt")
+    assert data["normalisation"] == {"mode": "robust"}
+    raw = read_volume(stacks["test"][0]).data
+    image = normalised_view(raw, data["normalisation"])[...]
+    assert abs(float(np.median(image))) < 1e-3  # the median goes to 0
+    assert 0.5 < 1.4826 * float(np.median(np.abs(image))) < 1.5
+
+
 def test_the_example_config_loads_with_its_paths_next_to_it():
     cfg = load_train_config(REPO / "resources" / "configs" / "train.yaml")
     assert cfg.data.train[0].raw == str(REPO / "resources" / "configs" / "gland01_raw.tif")
