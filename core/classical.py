@@ -1,6 +1,9 @@
 """Classical segmentation without a network: the baseline a Fiji user would build.
 
-Gaussian smoothing -> Otsu threshold of the membrane signal -> the dark
+Gaussian smoothing -> Otsu threshold of the membrane signal (the brightest
+1 % of voxels clipped first, as Fiji's "Enhance Contrast" saturates them, so
+that a few very bright spots cannot pull the threshold above every membrane)
+-> the dark
 regions between membranes -> distance transform -> one seed per regional
 maximum (h-maxima) -> watershed of the smoothed image from the seeds (what
 MorphoLibJ's "Distance Transform Watershed 3D" does). Regions far larger than
@@ -36,6 +39,10 @@ class ClassicalParams:
     max_cell_factor: regions larger than this many times the median region
         are background (lumen, outside the tissue).
     min_cell_size_um3: smaller regions are background.
+    saturated_percent: the brightest this-many percent of the smoothed image are
+        clipped before Otsu's threshold is computed (0: none). A saturated
+        nucleus or a speck of debris covering ~1 % of a stack otherwise puts
+        the threshold above every membrane, and the "cells" merge into one.
     """
 
     smoothing_um: float = 0.5
@@ -43,6 +50,7 @@ class ClassicalParams:
     seed_h_um: float = 0.5
     max_cell_factor: float = 10.0
     min_cell_size_um3: float = 5.0
+    saturated_percent: float = 1.0
 
     def validate(self) -> None:
         for key in ("smoothing_um", "seed_h_um", "min_cell_size_um3"):
@@ -51,6 +59,17 @@ class ClassicalParams:
         for key in ("threshold_factor", "max_cell_factor"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"classical.{key} = {getattr(self, key)}: must be > 0.")
+        if not 0 <= self.saturated_percent < 50:
+            raise ConfigError(f"classical.saturated_percent = {self.saturated_percent}: use a "
+                              "percentage from 0 to 50 (e.g. 1).")
+
+
+def _otsu_saturated(image: np.ndarray, saturated_percent: float) -> float:
+    """Otsu's threshold of ``image`` with its brightest ``saturated_percent`` % clipped."""
+    if saturated_percent <= 0:
+        return float(threshold_otsu(image))
+    top = np.percentile(image, 100.0 - saturated_percent)
+    return float(threshold_otsu(np.minimum(image, top)))
 
 
 def classical_cells(image: np.ndarray, voxel_size: Sequence[float],
@@ -65,7 +84,7 @@ def classical_cells(image: np.ndarray, voxel_size: Sequence[float],
     vs = np.asarray(voxel_size, dtype=float)
     smooth = ndi.gaussian_filter(np.asarray(image, dtype=np.float32),
                                  sigma=params.smoothing_um / vs)
-    membrane = smooth > threshold_otsu(smooth) * params.threshold_factor
+    membrane = smooth > _otsu_saturated(smooth, params.saturated_percent) * params.threshold_factor
     dist = ndi.distance_transform_edt(~membrane, sampling=vs).astype(np.float32)
     peaks = h_maxima(dist, params.seed_h_um) if params.seed_h_um > 0 else dist > 0
     seeds, _ = ndi.label(peaks & ~membrane, structure=np.ones((3, 3, 3), bool))
