@@ -95,7 +95,7 @@ def test_preprocess_bad_values(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_yaml(p, PreprocessConfig)
     assert message(e) == (f"{p}: key 'normalisation.mode': 'zscore2' is not one of "
-                          "zscore, percentile, none.")
+                          "zscore, robust, percentile, none.")
     p = write(tmp_path, "resample:\n  factors: [-1, 1, 1]\n")
     with pytest.raises(ConfigError, match=r"resample\.factors.*greater than 0"):
         load_yaml(p, PreprocessConfig)
