@@ -19,6 +19,8 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
                                QPushButton, QSlider, QVBoxLayout, QWidget)
 
+from core.volume import strided_sample
+
 #: Distinct colours for cell ids (id % 255 + 1); id 0 is transparent.
 _PALETTE = np.zeros((256, 4), np.uint8)
 _hues = (np.arange(255) * 0.618034) % 1.0
@@ -53,9 +55,7 @@ def auto_levels(image: np.ndarray, low: float = 1.0, high: float = 99.5,
                 max_samples: int = 2_000_000) -> Tuple[float, float]:
     """Contrast limits from percentiles of a strided sample of the stack (no full copy)."""
     a = np.asarray(image) if not hasattr(image, "shape") else image
-    n = int(np.prod(a.shape))
-    step = max(1, int(np.ceil((n / max_samples) ** (1 / 3))))
-    sample = np.asarray(a[::step, ::step, ::step], dtype=np.float32)
+    sample = np.asarray(strided_sample(a, max_samples), dtype=np.float32)
     lo, hi = np.percentile(sample, [low, high])
     if hi <= lo:
         hi = lo + 1.0

@@ -28,7 +28,7 @@ from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages, scratch_array
 from core.segment import SegmentParams, cells_from_probabilities
-from core.volume import Volume
+from core.volume import Volume, strided_sample
 
 #: Output formats and their file extensions.
 FORMATS = {"tif": ".tif", "mat": ".mat", "h5": ".h5"}
@@ -133,8 +133,7 @@ def normalised_view(raw: np.ndarray, normalisation: Dict[str, Any]) -> Normalise
 
 def _percentiles(raw: np.ndarray, low: float, high: float, max_samples: int = 20_000_000):
     """Percentiles from a regular subsample when the stack is large (exact when small)."""
-    step = max(1, int(np.ceil((raw.size / max_samples) ** (1 / 3))))
-    sample = raw[::step, ::step, ::step]
+    sample = strided_sample(raw, max_samples)
     lo, hi = np.percentile(sample, [low, high])
     return float(lo), float(hi)
 

@@ -63,7 +63,7 @@ from core.config import FieldProblem, to_yaml
 from core.errors import ConfigError, VolumeDataError, VolumeReadError, VolumeWriteError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages
-from core.volume import Volume, as_labels, label_counts
+from core.volume import Volume, as_labels, label_counts, strided_sample
 
 Vec3 = Tuple[float, float, float]
 FORMAT = "episeg-preprocessed"
@@ -361,8 +361,7 @@ def robust_stats(img: np.ndarray, max_samples: int = 16_000_000) -> Dict[str, fl
     Falls back to the plain standard deviation when more than half the voxels
     share one value (MAD 0, e.g. a mostly black stack).
     """
-    step = max(1, int(np.ceil((img.size / max_samples) ** (1 / 3))))
-    sample = np.asarray(img[::step, ::step, ::step], dtype=np.float64).ravel()
+    sample = np.asarray(strided_sample(img, max_samples), dtype=np.float64).ravel()
     release_pages(img)
     median = float(np.median(sample))
     spread = 1.4826 * float(np.median(np.abs(sample - median)))

@@ -75,6 +75,17 @@ def label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     return counts
 
 
+def strided_sample(image: np.ndarray, max_samples: int) -> np.ndarray:
+    """Every k-th voxel along each axis of a 3D (ZYX) stack, at most ~``max_samples`` voxels.
+
+    The whole stack when it is small enough; a view (no copy) of an array or
+    memory map otherwise. For statistics (percentiles, median) of large stacks.
+    """
+    n = int(np.prod(image.shape))
+    step = max(1, int(np.ceil((n / max_samples) ** (1 / 3))))
+    return image[::step, ::step, ::step]
+
+
 def as_labels(data: np.ndarray, where: str = "labels") -> np.ndarray:
     """Return ``data`` as a label stack in the smallest unsigned dtype.
 
