@@ -275,20 +275,21 @@ def train_variant(name: str, data: Dict[str, Any], model_path: Path, minutes: fl
     return facts
 
 
-def _probabilities(model, info, raw: Volume) -> Dict[str, np.ndarray]:
-    pconf = from_dict(PredictConfig, {"save_probabilities": True, "flags": False})
+def _probabilities(model, info, raw: Volume, tta: bool = False) -> Dict[str, np.ndarray]:
+    pconf = from_dict(PredictConfig, {"save_probabilities": True, "flags": False, "tta": tta})
     res = segment_stack(raw, model, info, config=pconf)
     return {n: np.asarray(res.probabilities[i]) for i, n in enumerate(res.channels)}
 
 
 def tune_segmentation(model, info, stacks: Sequence[Tuple[Path, Path]],
-                      grid: Sequence[Dict[str, Any]] = SEGMENT_GRID
+                      grid: Sequence[Dict[str, Any]] = SEGMENT_GRID, tta: bool = False
                       ) -> Tuple[Dict[str, float], float]:
-    """Best ``grid`` point on the validation stacks (objective: mean of AP50 - ARE)."""
+    """Best ``grid`` point on the validation stacks (objective: mean of AP50 - ARE),
+    on probabilities predicted as the test stacks will be (with or without TTA)."""
     cases = []
     for r, l in stacks:
         raw, gt = read_volume(r), read_labels(l)
-        cases.append((gt.data, _probabilities(model, info, raw),
+        cases.append((gt.data, _probabilities(model, info, raw, tta),
                       raw.voxel_size or info.voxel_size_um or (1.0, 1.0, 1.0)))
     best, best_score = {}, -np.inf
     for params in grid:
@@ -408,9 +409,13 @@ def run_set(label: str, data: Dict[str, Any], variants: Sequence[str], minutes: 
             results[variant] = {"rows": rows, "mean": summarise(rows), "segment": segment,
                                 "validation_objective": val_score, **facts}
             if variant in args.tta:
+                segment, val_score = tune_segmentation(model, info, data["tune"], grid, tta=True)
+                print(f"   tuned on validation with TTA: {segment} (AP50 - ARE = {val_score:.3f})",
+                      flush=True)
                 rows = score_model(model_path, data["tests"], segment, True, cells_dir)
                 results[variant + "+tta"] = {"rows": rows, "mean": summarise(rows),
-                                             "segment": segment, **facts}
+                                             "segment": segment,
+                                             "validation_objective": val_score, **facts}
         print_summary({variant: results[variant]}, label)
     return results
 
