@@ -395,7 +395,8 @@ def run_set(label: str, data: Dict[str, Any], variants: Sequence[str], minutes: 
         print(f"\n== {label}: {variant}", flush=True)
         if variant == "classical":
             rows, params = classical_rows(data, cells_dir)
-            results[variant] = {"rows": rows, "mean": summarise(rows), "segment": params,
+            results[variant] = {"rows": rows, "mean": summarise(rows),
+                                "segment_in_voxels_of_finest_axis": params,
                                 "train_minutes": 0.0}
         else:
             model_path = out / "models" / f"{label}_{variant}{args.data_tag}.pt"
