@@ -78,6 +78,8 @@ class PreprocessTab(QWidget):
         pct.addWidget(QLabel("high"))
         pct.addWidget(self.high)
         pct.addStretch(1)
+        self.normalise.currentTextChanged.connect(self._percentiles_apply)
+        self._percentiles_apply(self.normalise.currentText())
         self.gaps = QCheckBox("Cells separated by gaps (thesis target)")
         self.boundaries = QCheckBox("Cell boundaries (PlantSeg target)")
         self.out_dir = PathField("folder", placeholder="folder for the preprocessed .h5 files")
@@ -108,6 +110,11 @@ class PreprocessTab(QWidget):
         self.set_config(self.base)
 
     # ------------------------------------------------------------- config
+    def _percentiles_apply(self, mode: str) -> None:
+        """The low/high percentiles matter only in percentile mode."""
+        for box in (self.low, self.high):
+            box.setEnabled(mode == "percentile")
+
     def set_config(self, cfg: PreprocessConfig) -> None:
         """Show a config in the form (settings the form lacks are kept for the run)."""
         self.base = copy.deepcopy(cfg)

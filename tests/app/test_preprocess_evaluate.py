@@ -37,6 +37,11 @@ def test_preprocess_tab_picks_a_dataset_runs_and_shows_the_result(qtbot, stack, 
     d, raw, lab = stack
     w = window(qtbot, tmp_path)
     tab = w.preprocess_tab
+    assert tab.normalise.currentText() == "zscore" and not tab.low.isEnabled()
+    tab.normalise.setCurrentText("percentile")  # the percentiles only matter there
+    assert tab.low.isEnabled() and tab.high.isEnabled()
+    tab.normalise.setCurrentText("zscore")
+    assert not tab.high.isEnabled()
     before = (d / "both.h5").read_bytes()
     tab.raws.add([str(d / "both.h5")])
     with qtbot.waitSignal(tab.inspector.described, timeout=30000):
