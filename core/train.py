@@ -639,6 +639,10 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         raise ConfigError(f"The model's outputs {model_cfg.channel_names} do not match the "
                           f"target '{target}'.")
     model.to(device)
+    if device.type == "cpu":
+        # oneDNN's channels-last 3D kernels: one training step of the small preset
+        # measured ~20% faster on a 2-core AVX2 CPU (benchmarks/train_speed.py)
+        model.to(memory_format=torch.channels_last_3d)
 
     # -- patches --
     from core.model import required_divisor
@@ -737,10 +741,13 @@ class _Context:
 
     def step(self) -> float:
         batch = self.augmenter(self.sampler.batch(self.cfg.batch_size).to(self.device))
+        image = batch.image
+        if self.device.type == "cpu":
+            image = image.contiguous(memory_format=torch.channels_last_3d)
         for group in self.opt.param_groups:
             group["lr"] = self.current_lr
         with self._autocast():
-            logits = self.net(batch.image)
+            logits = self.net(image)
         loss = self.loss_fn(logits, batch.target, batch.weight)
         self.opt.zero_grad(set_to_none=True)
         value = float(loss.detach())
