@@ -84,6 +84,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "all_wide": {"target": "all", "model": {"base_features": 16}},
     "all_deep": {"target": "all", "model": {"depth": 4}},
     "robust": {"data": {"normalisation": {"mode": "robust"}}},
+    "ema": {"ema_decay": 0.99},
+    "no_ema": {"ema_decay": 0.0},
     "boundaries": {"target": "boundaries"},
 }
 SCREEN = ["classical", "thesis", "both", "all", "all_weighted_bce", "all_strong_aug",

@@ -20,6 +20,14 @@ Choices, and why
   ``ap50``, the share of cells found at IoU >= 0.5, what a user sees), ties
   broken by the lower validation loss; when no cell-level metric can be
   computed (no labels, ``metrics_every: 0``) the lowest validation loss.
+* **Weight average** (``ema_decay: 0.99``): validation, the best epoch and
+  the saved model use an exponential moving average of the weights over
+  about the last 100 steps (:mod:`core.ema`); the raw weights keep training.
+  Short CPU runs end while the weights still jump from step to step; the
+  average removes most of that noise (docs/accuracy.md, step 7).
+* **Memory layout**: on a CPU the network and its batches use the
+  channels-last 3D layout (oneDNN's faster kernels, ~20 % per step;
+  ``benchmarks/train_speed.py``).
 * **Mixed precision** (``amp: auto``): CUDA uses ``torch.autocast`` with
   bfloat16 where the GPU supports it (no scaler needed), else float16 with a
   ``GradScaler``. CPUs stay in float32: measured on this project's 2-core AMD
@@ -32,7 +40,7 @@ Choices, and why
   of the last finished epoch (or saves the current weights when none has
   finished) and raises :class:`core.errors.JobCancelled`; the unfinished epoch
   is dropped so that ``resume`` continues exactly.
-* **Resume** restores weights, optimiser, schedule, scaler, epoch count and
+* **Resume** restores weights, their average, optimiser, schedule, scaler, epoch count and
   the torch / NumPy / Python random states: N epochs, cancel, resume to N+M
   equals an uninterrupted N+M-epoch run (bit for bit on a CPU).
 """
@@ -221,6 +229,10 @@ class TrainConfig:
         "gt": 0, "help": "Stop after this many minutes of the run (counting time before "
                          "--resume), keeping the best model."})
     seed: int = field(default=0, metadata={"min": 0, "help": "Random seed."})
+    ema_decay: float = field(default=0.99, metadata={
+        "min": 0, "max": 0.9999, "help": "Validate and keep a moving average of the weights "
+                                         "(decay per step: 0.99 spans ~100 steps); 0 = the "
+                                         "weights as trained."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto = CUDA GPU when present, else CPU."})
     threads: Optional[int] = field(default=None, metadata={
@@ -706,6 +718,8 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
     ctx = _Context(run, cfg, model, model_cfg, opt, schedule, scaler, loss_fn, sampler, augmenter,
                    val_batches, metric_vols, device, use_amp, amp_dtype, voxel_size, patch,
                    target, np_rng, world)
+    if saved is not None and ctx.average is not None and saved.get("weight_average"):
+        ctx.average.load_state_dict(saved["weight_average"])
     stopped = ctx.loop(total_iters, budget_s)
     ddp.check_same_weights(model, world, device)
     return TrainResult(
@@ -734,6 +748,13 @@ class _Context:
         self.voxel_size, self.patch, self.target, self.np_rng = voxel_size, patch, target, np_rng
         self.val_seconds = 0.0
         self.iter_seconds: Optional[float] = None
+        from core.ema import WeightAverage
+        self.average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    @property
+    def kept(self):
+        """The weights that are validated and saved as the model: the average, if any."""
+        return self.average.model if self.average is not None else self.model
 
     # -- one step --
     def _autocast(self):
@@ -760,6 +781,8 @@ class _Context:
         else:
             loss.backward()
             self.opt.step()
+        if self.average is not None:
+            self.average.update(self.model)
         return value
 
     # -- validation --
@@ -770,12 +793,13 @@ class _Context:
         from core.segment import cells_from_probabilities
 
         t0 = time.monotonic()
-        self.model.eval()
+        net = self.kept
+        net.eval()
         losses = []
         for b in self.val_batches:
             b = b.to(self.device)
             with self._autocast():
-                logits = self.model(b.image)
+                logits = net(b.image)
             losses.append(float(self.loss_fn(logits, b.target, b.weight)))
         val_loss = float(np.mean(losses)) if losses else float("nan")
         metrics: Dict[str, Any] = {}
@@ -785,7 +809,7 @@ class _Context:
             for vol in self.metric_vols:
                 if is_cancelled(self.run.cancel):
                     break
-                prob = predict_probabilities(self.model, vol.image, device=self.device,
+                prob = predict_probabilities(net, vol.image, device=self.device,
                                              amp=self.use_amp, out_dtype=np.float32)
                 ch = {n: prob[i] for i, n in enumerate(names)}
                 cells = cells_from_probabilities(
@@ -838,6 +862,8 @@ class _Context:
             "best_key": None if run.best_key is None else list(run.best_key),
             "best_model_state_dict": run.best_state,
             "model_state_dict": cpu_state_dict(self.model.state_dict()),
+            "weight_average": (None if self.average is None
+                               else cpu_state_dict(self.average.state_dict())),
             "optimizer_state_dict": cpu_state_dict(self.opt.state_dict()),
             "scheduler_state_dict": self.schedule.state_dict(),
             "scaler_state_dict": (self.scaler.state_dict() if self.scaler is not None
@@ -881,10 +907,10 @@ class _Context:
         if key is not None and (run.best_key is None or key > run.best_key):
             run.best_key, run.best_epoch = key, epoch
             from core.checkpoint import cpu_state_dict
-            run.best_state = cpu_state_dict(self.model.state_dict())
+            run.best_state = cpu_state_dict(self.kept.state_dict())
         if run.best_state is None:  # no candidate yet (metrics skipped): keep the latest
             from core.checkpoint import cpu_state_dict
-            run.best_state = cpu_state_dict(self.model.state_dict())
+            run.best_state = cpu_state_dict(self.kept.state_dict())
             run.best_epoch = epoch
         self.save(finished=last and epoch >= cfg.epochs)
         shown = "".join(f", {k} {metrics[k]:.3f}" for k in ("ap50", "cell_iou") if k in metrics)
@@ -1014,7 +1040,7 @@ def describe_config(cfg: TrainConfig) -> str:
     return (f"target {cfg.target or DEFAULT_TARGET}, model {cfg.model.preset}, loss "
             f"{cfg.loss.name}, lr {cfg.optimizer.lr:g}, {cfg.epochs} epochs x "
             f"{cfg.iterations_per_epoch} iterations, batch {cfg.batch_size}, augment "
-            f"{cfg.augment.level}")
+            f"{cfg.augment.level}" + (f", weight average {cfg.ema_decay:g}" if cfg.ema_decay else ""))
 
 
 __all__ = [

@@ -47,3 +47,26 @@ def test_the_classical_grid_is_in_voxels_of_the_finest_axis(quality):
                                         "threshold_factor": 0.8}, (1.0, 0.3, 0.3))
     assert params.smoothing_um == pytest.approx(0.6) and params.seed_h_um == pytest.approx(0.3)
     assert params.threshold_factor == 0.8
+
+
+def test_the_error_breakdown_tells_face_slivers_from_other_misses():
+    spec = importlib.util.spec_from_file_location(
+        "error_breakdown", REPO / "benchmarks" / "error_breakdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gt = np.zeros((10, 20, 20), np.uint16)  # every cell spans Z: all touch a face
+    gt[:, :14, :10] = 1                      # 1400 voxels
+    gt[:, 14:, :10] = 4                      # 600 voxels, will be merged into cell 1
+    gt[:, :, 10:18] = 2                      # 1600 voxels
+    gt[:, :, 18:] = 3                        # 400 voxels: a sliver the X face cuts off
+    pred = gt.copy()
+    pred[pred == 3] = 2                      # the sliver is absorbed by its neighbour
+    pred[pred == 4] = 1                      # a merge behind a faint wall: cell 4 is lost
+    pred[:, 15:, 10:18] = 7                  # cell 2 loses a corner (IoU 0.6: still matched)
+    background = np.zeros((4, 20, 20), np.uint16)
+    gt = np.concatenate([gt, background])
+    pred = np.concatenate([pred, background])
+    pred[12:, :5, :5] = 9                    # a cell where the ground truth has none
+    row = module.breakdown(gt, pred, (1.0, 1.0, 1.0), sliver_um3=500)
+    assert row == {"gt_cells": 4, "matched": 2, "missed_slivers": 1, "missed_other": 1,
+                   "fp_background": 1, "fp_other": 1}

@@ -147,8 +147,9 @@ def test_cancel_keeps_a_usable_model(stacks, tmp_path):
     load_model_for_inference(path, "cpu")
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(stacks, tmp_path):
-    cfg = config(stacks, epochs=3, iterations_per_epoch=3)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_continues_exactly_like_an_uninterrupted_run(stacks, tmp_path, ema_decay):
+    cfg = config(stacks, epochs=3, iterations_per_epoch=3, ema_decay=ema_decay)
     whole = train(cfg, tmp_path / "whole.pt")
 
     part = tmp_path / "part.pt"
@@ -170,6 +171,45 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(stacks, tmp_path):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     assert a["best_epoch"] == b["best_epoch"]
+    if ema_decay:
+        assert a["weight_average"]["updates"] == b["weight_average"]["updates"] == 9
+        for name, tensor in a["weight_average"]["weights"].items():
+            assert torch.equal(tensor, b["weight_average"]["weights"][name]), name
+
+
+def test_a_weight_averaged_run_saves_and_predicts_with_the_average(stacks, tmp_path):
+    path = tmp_path / "ema.pt"
+    result = train(config(stacks, epochs=1, iterations_per_epoch=10, ema_decay=0.9), path)
+    assert result.best_epoch == 1
+    data = load_model_file(path)
+    average = data["weight_average"]["weights"]
+    raw = data["model_state_dict"]
+    conv = next(k for k, v in raw.items() if v.ndim == 5)
+    assert torch.equal(data["best_model_state_dict"][conv], average[conv])
+    assert not torch.equal(raw[conv], average[conv])  # the average lags the raw weights
+    model, info = load_model_for_inference(path, "cpu")
+    assert torch.equal(model.state_dict()[conv], average[conv])
+
+
+def test_the_weight_average_follows_the_weights_with_a_short_memory_at_first():
+    from core.ema import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))
+    start = net[0].weight.detach().clone()
+    avg = WeightAverage(net, decay=0.99)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net[1].num_batches_tracked += 5
+    avg.update(net)  # first update: decay (1 + 1) / (10 + 1), not 0.99
+    d = 2 / 11
+    assert torch.allclose(avg.model[0].weight, d * start + (1 - d) * (start + 1.0))
+    assert int(avg.model[1].num_batches_tracked) == 5
+    for _ in range(2000):
+        avg.update(net)
+    assert torch.allclose(avg.model[0].weight, net[0].weight, atol=1e-5)
+    assert not avg.model[0].weight.requires_grad
+    with pytest.raises(ValueError):
+        WeightAverage(net, decay=1.0)
 
 
 def test_resume_refuses_other_settings_a_missing_file_and_a_finished_run(stacks, tmp_path, trained):
