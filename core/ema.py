@@ -37,15 +37,17 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current weights and buffers."""
+        if getattr(self, "_source", None) is not model:  # pair the tensors once per model
+            mine, theirs = self.model.state_dict(), model.state_dict()
+            floats = [k for k, v in mine.items() if v.is_floating_point()]
+            self._source = model
+            self._float = ([mine[k] for k in floats], [theirs[k] for k in floats])
+            self._other = [(mine[k], theirs[k]) for k in mine if k not in set(floats)]
         self.updates += 1
         d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        mine = self.model.state_dict()
-        for name, value in model.state_dict().items():
-            target = mine[name]
-            if target.is_floating_point():
-                target.lerp_(value.detach(), 1.0 - d)
-            else:
-                target.copy_(value)
+        torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - d)
+        for target, value in self._other:
+            target.copy_(value)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "weights": self.model.state_dict()}

@@ -64,6 +64,7 @@ from core import __version__
 from core.config import FieldProblem, from_dict, load_yaml, to_dict
 from core.data import (AugmentConfig, Augmenter, PatchSampler, TrainVolume, auto_patch_size,
                        check_patch_size, load_h5, load_pair, target_names, validation_patches)
+from core.ema import WeightAverage
 from core.errors import ConfigError, EpiSegError, JobCancelled, ModelFileError
 from core.jobs import CancelFlag, ProgressEvent, ProgressFn, is_cancelled
 from core.losses import LOSSES, make_loss
@@ -748,7 +749,6 @@ class _Context:
         self.voxel_size, self.patch, self.target, self.np_rng = voxel_size, patch, target, np_rng
         self.val_seconds = 0.0
         self.iter_seconds: Optional[float] = None
-        from core.ema import WeightAverage
         self.average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     @property
