@@ -74,6 +74,11 @@ class SegmentParams:
         this is in voxels too; 2 fills the 2-voxel gaps of mode='outer').
     min_seed_size_um3: seeds smaller than this are ignored (noise).
     min_cell_size_um3: final cells smaller than this are given to their neighbours.
+    min_cell_tissue: with a tissue channel, cells whose mean tissue probability
+        is below this and that are smaller than half the median cell become
+        background: patches of doubtful tissue just outside the real surface
+        (lumen, stack faces) that found a seed of their own (0: off; 0.85 chosen
+        on validation stacks, docs/accuracy.md step 8).
     slab_z: at most this many Z slices per watershed block (blocks are also
         capped at SLAB_VOXELS voxels, so memory stays bounded on any stack).
     """
@@ -88,6 +93,7 @@ class SegmentParams:
     seed_h_um: float = 0.45
     min_seed_size_um3: float = 5.0
     min_cell_size_um3: float = 20.0
+    min_cell_tissue: float = 0.85
     slab_z: int = 64
 
     def validate(self) -> None:
@@ -104,6 +110,9 @@ class SegmentParams:
                     "min_cell_size_um3"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"segment.{key} = {getattr(self, key)}: must be >= 0.")
+        if not 0.0 <= self.min_cell_tissue < 1.0:
+            raise ConfigError(f"segment.min_cell_tissue = {self.min_cell_tissue}: must be in "
+                              "[0, 1) (0 turns the check off).")
         if self.slab_z < 1:
             raise ConfigError(f"segment.slab_z = {self.slab_z}: must be >= 1.")
 
@@ -520,9 +529,12 @@ def cells_from_probabilities(
                 future.cancel()
     del seeds, tissue
 
-    # 3. dissolve tiny cells into their neighbours, then ids 1..n
+    # 3. dissolve tiny cells into their neighbours, drop doubtful tissue, then ids 1..n
     labels = _dissolve_small_cells(labels, voxel_size, params.min_cell_size_um3, bp, cp)
-    return _consecutive(labels, work_dir)
+    drop = None
+    if tp is not None and params.min_cell_tissue > 0:
+        drop = doubtful_patches(labels, tp, params.min_cell_tissue)
+    return _consecutive(labels, work_dir, drop=drop)
 
 
 def _mask_by_slabs(shape, mask_of, work_dir, probs) -> np.ndarray:
@@ -537,12 +549,46 @@ def _mask_by_slabs(shape, mask_of, work_dir, probs) -> np.ndarray:
     return out
 
 
-def _consecutive(labels: np.ndarray, work_dir=None) -> np.ndarray:
-    """Ids 1..n (background 0) in the smallest unsigned dtype, via one lookup table.
+#: A doubtful patch (``min_cell_tissue``) is also smaller than this share of the
+#: stack's median cell: large cells the tissue channel is unsure of are kept.
+DOUBTFUL_PATCH_MAX_SHARE = 0.5
+
+
+def doubtful_patches(labels: np.ndarray, tissue: "_Prob", min_mean: float) -> np.ndarray:
+    """Cells (bool, index = id) whose mean tissue probability is below ``min_mean``
+    and whose volume is below :data:`DOUBTFUL_PATCH_MAX_SHARE` of the median cell's.
+
+    labels: ZYX cells; tissue: the network's tissue probability. Sums run slab by slab.
+    """
+    n = int(labels.max()) + 1 if labels.size else 1
+    sums = np.zeros(n)
+    counts = np.zeros(n)
+    for z0, z1, _, _ in _slabs(labels.shape[0], labels.shape[1] * labels.shape[2],
+                               labels.shape[0], 0):
+        lab = np.asarray(labels[z0:z1]).ravel()
+        sums += np.bincount(lab, weights=tissue.f32(np.s_[z0:z1]).ravel(), minlength=n)
+        counts += np.bincount(lab, minlength=n)
+        release_pages(labels)
+        tissue.release()
+    present = counts > 0
+    present[0] = False
+    if not present.any():
+        return np.zeros(n, bool)
+    mean = np.divide(sums, counts, out=np.ones(n), where=counts > 0)
+    small = counts < DOUBTFUL_PATCH_MAX_SHARE * np.median(counts[present])
+    return present & small & (mean < min_mean)
+
+
+def _consecutive(labels: np.ndarray, work_dir=None, drop: Optional[np.ndarray] = None
+                 ) -> np.ndarray:
+    """Ids 1..n (background 0) in the smallest unsigned dtype, via one lookup table;
+    ids where ``drop`` (bool, index = id) is True become background.
 
     Rewritten slab by slab, in place when the dtype stays: no second full-size copy.
     """
     present = label_counts(labels) > 0
+    if drop is not None:
+        present[: len(drop)] &= ~drop[: len(present)]
     present[0] = False
     n = int(present.sum())
     lut = np.zeros(len(present), dtype=label_dtype(n))

@@ -163,6 +163,34 @@ def test_a_tissue_channel_gives_the_exact_outline_of_the_tissue():
     assert n_cells(with_tissue) == n_cells(gt)
 
 
+
+def test_a_seeded_patch_of_doubtful_tissue_outside_the_cells_is_background():
+    """A small bright blob in the lumen that the network half believes is tissue
+    (a seed of its own, tissue probability ~0.7) is not a cell; the real cells
+    stay, even one the tissue channel is as unsure of."""
+    gt = voronoi_tissue((26, 64, 64))
+    gt[:8] = 0  # a lumen above the cells
+    cp, bp = probabilities_from(gt)
+    tissue = ndi.gaussian_filter((gt > 0).astype(np.float32), 0.5)
+    blob = np.zeros(gt.shape, bool)
+    blob[1:5, 20:30, 20:30] = True
+    cp[blob] = 0.9
+    tissue[blob] = 0.7
+    kept = cells_from_probabilities(cp, bp, tissue_prob=tissue, voxel_size=(1, 1, 1))
+    assert not kept[blob].any()
+    np.testing.assert_array_equal(kept > 0, gt > 0)
+    assert n_cells(kept) == n_cells(gt)
+    # a whole cell the tissue channel is unsure of is large: it stays
+    unsure = gt == gt[15, 32, 32]
+    tissue[unsure] = 0.7
+    kept = cells_from_probabilities(cp, bp, tissue_prob=tissue, voxel_size=(1, 1, 1))
+    assert (kept[unsure] > 0).all() and not kept[blob].any()
+    off = cells_from_probabilities(cp, bp, tissue_prob=tissue, voxel_size=(1, 1, 1),
+                                   params=SegmentParams(min_cell_tissue=0))
+    assert off[blob].all() and n_cells(off) == n_cells(gt) + 1
+    with pytest.raises(ConfigError, match="min_cell_tissue"):
+        SegmentParams(min_cell_tissue=1.5).validate()
+
 def test_cells_cut_by_the_stack_border_keep_their_seeds():
     """Seed erosion treats the outside of the stack as cell, so edge fragments survive."""
     gt = np.zeros((12, 40, 40), np.int32)
