@@ -16,9 +16,13 @@ Choices, and why
   Plateau schedules react late and need several validations; the cosine
   needs none. Without ``max_minutes`` the schedule depends on the iteration
   count only, so runs are exactly reproducible.
-* **Best model**: the epoch with the best ``validation.metric`` (default
-  ``ap50``, the share of cells found at IoU >= 0.5, what a user sees), ties
-  broken by the lower validation loss; when no cell-level metric can be
+* **Best model**: the epoch with the best ``validation.metric``. The default
+  ``loss`` is the validation loss of the averaged weights, which falls
+  smoothly; a cell-level metric (``ap50``, ``f1_50``, ...) of one validation
+  stack jumps by several cells between epochs and kept undertrained epochs in
+  the benchmark (docs/accuracy.md, step 8). The cell-level metrics are still
+  computed every ``metrics_every`` epochs for the curves. With a cell-level
+  metric, ties are broken by the lower validation loss, and when none can be
   computed (no labels, ``metrics_every: 0``) the lowest validation loss.
 * **Weight average** (``ema_decay: 0.99``): validation, the best epoch and
   the saved model use an exponential moving average of the weights over
@@ -192,7 +196,8 @@ class ValidationConfig:
         "min": 0, "help": "Cell-level metrics (predict + cells + evaluate) every k epochs and "
                           "at the last; 0 = never (validation loss only)."})
     metric: Literal["ap50", "f1_50", "cell_iou", "mean_matched_iou", "loss"] = field(
-        default="ap50", metadata={"help": "Metric that picks the best epoch's model."})
+        default="loss", metadata={"help": "Metric that picks the best epoch's model (loss: "
+                                          "the validation loss, the steadiest)."})
     max_voxels: int = field(default=4_000_000, metadata={
         "min": 1, "help": "Validation volumes larger than this are centre-cropped for the "
                           "cell-level metrics (keeps validation cheap)."})
