@@ -531,10 +531,11 @@ def cells_from_probabilities(
 
     # 3. dissolve tiny cells into their neighbours, drop doubtful tissue, then ids 1..n
     labels = _dissolve_small_cells(labels, voxel_size, params.min_cell_size_um3, bp, cp)
+    counts = label_counts(labels)
     drop = None
     if tp is not None and params.min_cell_tissue > 0:
-        drop = doubtful_patches(labels, tp, params.min_cell_tissue)
-    return _consecutive(labels, work_dir, drop=drop)
+        drop = doubtful_patches(labels, tp, params.min_cell_tissue, counts)
+    return _consecutive(labels, work_dir, drop=drop, counts=counts)
 
 
 def _mask_by_slabs(shape, mask_of, work_dir, probs) -> np.ndarray:
@@ -554,20 +555,20 @@ def _mask_by_slabs(shape, mask_of, work_dir, probs) -> np.ndarray:
 DOUBTFUL_PATCH_MAX_SHARE = 0.5
 
 
-def doubtful_patches(labels: np.ndarray, tissue: "_Prob", min_mean: float) -> np.ndarray:
+def doubtful_patches(labels: np.ndarray, tissue: "_Prob", min_mean: float,
+                     counts: np.ndarray) -> np.ndarray:
     """Cells (bool, index = id) whose mean tissue probability is below ``min_mean``
     and whose volume is below :data:`DOUBTFUL_PATCH_MAX_SHARE` of the median cell's.
 
-    labels: ZYX cells; tissue: the network's tissue probability. Sums run slab by slab.
+    labels: ZYX cells; tissue: the network's tissue probability; counts: voxels
+    per id (:func:`core.volume.label_counts`). Sums run slab by slab.
     """
-    n = int(labels.max()) + 1 if labels.size else 1
+    n = len(counts)
     sums = np.zeros(n)
-    counts = np.zeros(n)
     for z0, z1, _, _ in _slabs(labels.shape[0], labels.shape[1] * labels.shape[2],
                                labels.shape[0], 0):
         lab = np.asarray(labels[z0:z1]).ravel()
         sums += np.bincount(lab, weights=tissue.f32(np.s_[z0:z1]).ravel(), minlength=n)
-        counts += np.bincount(lab, minlength=n)
         release_pages(labels)
         tissue.release()
     present = counts > 0
@@ -579,14 +580,15 @@ def doubtful_patches(labels: np.ndarray, tissue: "_Prob", min_mean: float) -> np
     return present & small & (mean < min_mean)
 
 
-def _consecutive(labels: np.ndarray, work_dir=None, drop: Optional[np.ndarray] = None
-                 ) -> np.ndarray:
+def _consecutive(labels: np.ndarray, work_dir=None, drop: Optional[np.ndarray] = None,
+                 counts: Optional[np.ndarray] = None) -> np.ndarray:
     """Ids 1..n (background 0) in the smallest unsigned dtype, via one lookup table;
-    ids where ``drop`` (bool, index = id) is True become background.
+    ids where ``drop`` (bool, index = id) is True become background. ``counts``:
+    voxels per id when already known (:func:`core.volume.label_counts`).
 
     Rewritten slab by slab, in place when the dtype stays: no second full-size copy.
     """
-    present = label_counts(labels) > 0
+    present = (label_counts(labels) if counts is None else counts) > 0
     if drop is not None:
         present[: len(drop)] &= ~drop[: len(present)]
     present[0] = False
