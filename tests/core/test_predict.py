@@ -72,14 +72,17 @@ def test_blending_normaliser_is_the_exact_sum_of_all_tile_weights():
 # -- equality with a whole-volume pass -------------------------------------------------------
 @pytest.mark.parametrize("norm", ["none", "batch"])
 def test_tiled_prediction_equals_whole_volume_pass(norm):
-    """With a halo covering the receptive field, every weighted tile value is exact."""
+    """With a halo covering the receptive field, every weighted tile value is exact.
+
+    On the CPU, where float32 arithmetic is the reference's; a GPU's convolution
+    algorithms (and autocast) differ per tile shape: see the CUDA test below."""
     model = local_net(norm)
     _, halo = receptive_field(model.cfg)
     h = max(halo)
     image = np.random.default_rng(1).normal(size=(30, 45, 50)).astype(np.float32)
     events = []
     tiled = predict_probabilities(model, image, tile_shape=(24, 32, 32), overlap=2 * h, halo=h,
-                                  out_dtype=np.float32, progress=events.append)
+                                  out_dtype=np.float32, progress=events.append, device="cpu")
     assert events[-1].total >= 8  # really tiled, in every axis
     ref = whole_volume(model, image)
     assert tiled.shape == (1, 30, 45, 50)
@@ -91,16 +94,34 @@ def test_heavy_overlap_where_four_tiles_cover_a_voxel_per_axis_is_still_exact():
     model = build_model(ModelConfig(base_features=4, depth=1, norm="none")).eval()
     assert receptive_field(model.cfg)[1] == (2, 2, 2)
     image = np.random.default_rng(9).normal(size=(13, 14, 15)).astype(np.float32)
-    tiled = predict_probabilities(model, image, tile_shape=(8, 8, 8), overlap=6, halo=2, out_dtype=np.float32)
+    tiled = predict_probabilities(model, image, tile_shape=(8, 8, 8), overlap=6, halo=2,
+                                  out_dtype=np.float32, device="cpu")
     np.testing.assert_allclose(tiled, whole_volume(model, image), atol=1e-5, rtol=0)
 
 
 def test_volume_smaller_than_a_tile_is_padded_and_cropped():
     model = local_net("none", target="both")
     image = np.random.default_rng(2).normal(size=(5, 13, 17)).astype(np.float32)
-    tiled = predict_probabilities(model, image, tile_shape=(32, 64, 64), out_dtype=np.float32)
+    tiled = predict_probabilities(model, image, tile_shape=(32, 64, 64), out_dtype=np.float32,
+                                  device="cpu")
     assert tiled.shape == (2, 5, 13, 17)
     np.testing.assert_allclose(tiled, whole_volume(model, image), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_tiled_prediction_agrees_with_the_cpu_reference(amp):
+    """On a GPU the tiled result matches the CPU's whole-volume pass to what a
+    user could never see in a probability map (autocast: half precision)."""
+    model = local_net("batch", target="all")
+    _, halo = receptive_field(model.cfg)
+    h = max(halo)
+    image = np.random.default_rng(4).normal(size=(30, 45, 50)).astype(np.float32)
+    tiled = predict_probabilities(model, image, tile_shape=(24, 32, 32), overlap=2 * h, halo=h,
+                                  out_dtype=np.float32, device="cuda", amp=amp)
+    diff = np.abs(tiled - whole_volume(model, image))
+    assert diff.max() < (2e-2 if amp else 1e-3), diff.max()
+    assert diff.mean() < (2e-3 if amp else 1e-4), diff.mean()
 
 
 def test_group_norm_unet_tiled_close_to_whole_volume():
