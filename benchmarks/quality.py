@@ -87,6 +87,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "ema": {"ema_decay": 0.99},
     "no_ema": {"ema_decay": 0.0},
     "boundaries": {"target": "boundaries"},
+    # more context per patch (the CPU default is 16 x 56 x 56): fewer, larger steps
+    "patch_24": {"patch_size": [24, 80, 80]},
+    "patch_32": {"patch_size": [32, 112, 112]},
 }
 SCREEN = ["classical", "thesis", "both", "all", "all_weighted_bce", "all_strong_aug",
           "all_percentile", "all_wide"]

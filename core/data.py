@@ -375,12 +375,20 @@ def activation_bytes_per_voxel(model_cfg: Any, *, amp: bool = False) -> float:
     return per * (2.0 if amp else 4.0)
 
 
-#: On a CPU a patch larger than this (voxels) makes iterations slow without
-#: helping learning: many small patches per minute beat few big ones. Measured
-#: (small preset, 10 minutes on 4 synthetic stacks, 1 CPU thread): patches of
-#: 16 x 64 x 64 reached AP50 0.78 / 0.72 on held-out stacks, patches of
-#: 34 x 112 x 112 only 0.27 / 0.25 (4 s per iteration: 150 iterations in all).
-CPU_MAX_PATCH_VOXELS = 16 * 64 * 64
+#: Largest training patch (voxels) on a CPU. Context beats step count once the
+#: steps are fast enough: in 15 minutes on 2 threads (small preset, 4 synthetic
+#: stacks, docs/accuracy.md step 9), 700 steps of 32 x 112 x 112 patches beat
+#: 3,800 steps of 16 x 56 x 56 (held-out AP50 0.900 vs 0.896, adapted Rand
+#: error 0.103 vs 0.122, the hardest stack 0.80 vs 0.73). With one thread and
+#: the older, slower network, 150 steps of such patches had not been enough
+#: (AP50 0.27), hence the earlier cap of 16 x 64 x 64.
+CPU_MAX_PATCH_VOXELS = 32 * 112 * 112
+
+#: Largest share of the smallest training volume one automatic patch covers, so
+#: that random patches still differ. The real sample's training part
+#: (64 x 200 x 75 voxels) with a 64 x 80 x 72 patch (38 % of it) kept its best
+#: epoch at 2 of 8 and fell from AP50 0.37-0.40 to 0.29 (docs/accuracy.md step 9).
+PATCH_MAX_SHARE = 1 / 8
 
 
 def auto_patch_size(
@@ -399,7 +407,8 @@ def auto_patch_size(
     The voxel budget is ``memory * share / (batch_size * bytes per voxel)``
     (:func:`activation_bytes_per_voxel`; share 0.6 of free GPU memory, 0.4 of
     available RAM), capped on a CPU at :data:`CPU_MAX_PATCH_VOXELS` for speed
-    and by ``max_voxels``. The shape is as cubic as possible in micrometres
+    and by ``max_voxels``, and never above :data:`PATCH_MAX_SHARE` of the
+    smallest training volume. The shape is as cubic as possible in micrometres
     (fewer voxels along a coarser axis), a multiple of the model's pooling
     divisor on every axis, and no larger than the smallest training volume
     (rounded down to the divisor).
@@ -420,6 +429,8 @@ def auto_patch_size(
         budget = min(budget, CPU_MAX_PATCH_VOXELS)
     if max_voxels is not None:
         budget = min(budget, max_voxels)
+    if volume_shapes:
+        budget = min(budget, PATCH_MAX_SHARE * min(float(np.prod(s)) for s in volume_shapes))
     limit = [min(int(s[a]) for s in volume_shapes) for a in range(3)] if volume_shapes else [1 << 20] * 3
     limit = [max(d, (m // d) * d) for m, d in zip(limit, div)]
     vs = np.ones(3) if voxel_size is None else np.asarray(voxel_size, float)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import (CPU_MAX_PATCH_VOXELS, AugmentConfig, Augmenter, Batch, PatchSampler,
+from core.data import (CPU_MAX_PATCH_VOXELS, PATCH_MAX_SHARE, AugmentConfig, Augmenter, Batch, PatchSampler,
                        auto_patch_size,
                        check_patch_size, load_pair, validation_patches, volume_from_arrays)
 from core.errors import ConfigError
@@ -145,8 +145,13 @@ def test_auto_patch_size_fits_model_volumes_memory_and_anisotropy():
                           device="cuda", memory_bytes=8 * 2**30)
     small = auto_patch_size(cfg, volume_shapes=shapes, voxel_size=(1.0, 0.25, 0.25),
                             device="cuda", memory_bytes=64 * 2**20)
-    assert np.prod(small) < np.prod(ps) < np.prod(big)
+    assert np.prod(small) < np.prod(ps) and np.prod(small) < np.prod(big)
     assert big[0] <= 30 and all(b % d == 0 for b, d in zip(big, div))
+    # however much memory: a patch leaves random patches room to differ
+    assert np.prod(big) <= PATCH_MAX_SHARE * min(np.prod(s) for s in shapes)
+    huge = auto_patch_size(cfg, volume_shapes=[(64, 1024, 1024)], voxel_size=(1.0, 0.25, 0.25),
+                           device="cuda", memory_bytes=8 * 2**30)
+    assert np.prod(huge) > np.prod(big)
     tiny_volume = auto_patch_size(cfg, volume_shapes=[(16, 40, 40)], device="cpu")
     assert tiny_volume[0] <= 16 and tiny_volume[1] <= 40 and tiny_volume[2] <= 40
 

@@ -164,6 +164,25 @@ def test_a_tissue_channel_gives_the_exact_outline_of_the_tissue():
 
 
 
+def test_cells_keep_the_outermost_tissue_layer_the_network_is_unsure_of():
+    """A trained network gives the outermost voxel layer of the tissue a tissue
+    probability of ~0.4 (it is unsure where the surface is); the cells still
+    reach the tissue surface, and nothing outside it becomes a cell."""
+    gt = voronoi_tissue()
+    cp, bp = probabilities_from(gt)
+    inside = gt > 0
+    surface = inside & ~ndi.binary_erosion(inside, border_value=1)
+    tissue = np.where(inside, 0.95, 0.05).astype(np.float32)
+    tissue[surface] = 0.4
+    tissue[~inside & ndi.binary_dilation(inside)] = 0.25  # first layer outside
+    cells = cells_from_probabilities(cp, bp, tissue_prob=tissue, voxel_size=(1, 1, 1))
+    np.testing.assert_array_equal(cells > 0, inside)
+    assert n_cells(cells) == n_cells(gt)
+    at_half = cells_from_probabilities(cp, bp, tissue_prob=tissue, voxel_size=(1, 1, 1),
+                                       params=SegmentParams(tissue_threshold=0.5))
+    assert np.count_nonzero(inside & (at_half == 0)) >= np.count_nonzero(surface) // 2
+
+
 def test_a_seeded_patch_of_doubtful_tissue_outside_the_cells_is_background():
     """A small bright blob in the lumen that the network half believes is tissue
     (a seed of its own, tissue probability ~0.7) is not a cell; the real cells
