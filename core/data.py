@@ -377,11 +377,12 @@ def activation_bytes_per_voxel(model_cfg: Any, *, amp: bool = False) -> float:
 
 #: Largest training patch (voxels) on a CPU. Context beats step count once the
 #: steps are fast enough: in 15 minutes on 2 threads (small preset, 4 synthetic
-#: stacks, docs/accuracy.md step 9), 700 steps of 32 x 112 x 112 patches beat
-#: 3,800 steps of 16 x 56 x 56 (held-out AP50 0.900 vs 0.896, adapted Rand
-#: error 0.103 vs 0.122, the hardest stack 0.80 vs 0.73). With one thread and
-#: the older, slower network, 150 steps of such patches had not been enough
-#: (AP50 0.27), hence the earlier cap of 16 x 64 x 64.
+#: stacks, docs/accuracy.md step 9), 700-800 steps of ~32 x 110 x 110 patches
+#: beat 3,800 steps of 16 x 56 x 56 in two seeds: held-out adapted Rand error
+#: 0.103 vs 0.122 and 0.116 vs 0.125, AP50 the same, the hardest stack 0.80 vs
+#: 0.79 and 0.77 vs 0.67. With one thread and the older, slower network, 150
+#: steps of such patches had not been enough (AP50 0.27), hence the earlier
+#: cap of 16 x 64 x 64.
 CPU_MAX_PATCH_VOXELS = 32 * 112 * 112
 
 #: Largest share of the smallest training volume one automatic patch covers, so
