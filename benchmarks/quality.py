@@ -87,7 +87,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "ema": {"ema_decay": 0.99},
     "no_ema": {"ema_decay": 0.0},
     "boundaries": {"target": "boundaries"},
-    # more context per patch (the CPU default is 16 x 56 x 56): fewer, larger steps
+    # fixed patch sizes (step 9: the automatic CPU patch was 16 x 56 x 56 before,
+    # ~32 x 104 x 104 now on these stacks); patch_24 has not been run yet
     "patch_24": {"patch_size": [24, 80, 80]},
     "patch_32": {"patch_size": [32, 112, 112]},
 }

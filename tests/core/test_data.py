@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import (CPU_MAX_PATCH_VOXELS, PATCH_MAX_SHARE, AugmentConfig, Augmenter, Batch, PatchSampler,
-                       auto_patch_size,
-                       check_patch_size, load_pair, validation_patches, volume_from_arrays)
+from core.data import (CPU_MAX_PATCH_VOXELS, PATCH_MAX_SHARE, AugmentConfig, Augmenter, Batch,
+                       PatchSampler, auto_patch_size, check_patch_size, load_pair,
+                       validation_patches, volume_from_arrays)
 from core.errors import ConfigError
 from core.model import preset_config, required_divisor
 from core.volume import Volume
