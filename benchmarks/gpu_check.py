@@ -116,22 +116,26 @@ def end_to_end(shape, device: str = "cuda") -> None:
     from benchmarks.predict_stack import make_stack
     from core.io import write_volume
 
-    work = Path(tempfile.mkdtemp(prefix="episeg_gpu_"))
     exe = _episeg()
-    subprocess.run([*exe, "synth", str(work / "data"), "--n", "1", "--shape", "32,128,128"],
-                   check=True, capture_output=True, cwd=REPO)
-    subprocess.run([*exe, "train", "--device", device, "--pair", str(work / "data" / "synth_000_raw.tif"),
-                    str(work / "data" / "synth_000_labels.tif"), "--out", str(work / "m.pt"),
-                    "--epochs", "1", "--iterations", "20", "--quiet"], check=True,
-                   capture_output=True, cwd=REPO)
-    tif = work / "stack.tif"
-    write_volume(tif, make_stack(shape))
-    t0 = time.perf_counter()
-    proc = subprocess.run([*exe, "predict", "--device", device, "--model", str(work / "m.pt"), "--out",
-                           str(work / "out"), "--quiet", str(tif)], capture_output=True, text=True, cwd=REPO)
-    s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="episeg_gpu_") as tmp:  # the stack is ~0.5 GB
+        work = Path(tmp)
+        subprocess.run([*exe, "synth", str(work / "data"), "--n", "1", "--shape", "32,128,128"],
+                       check=True, capture_output=True, cwd=REPO)
+        subprocess.run([*exe, "train", "--device", device, "--pair",
+                        str(work / "data" / "synth_000_raw.tif"),
+                        str(work / "data" / "synth_000_labels.tif"), "--out", str(work / "m.pt"),
+                        "--epochs", "1", "--iterations", "20", "--quiet"], check=True,
+                       capture_output=True, cwd=REPO)
+        tif = work / "stack.tif"
+        write_volume(tif, make_stack(shape))
+        t0 = time.perf_counter()
+        proc = subprocess.run([*exe, "predict", "--device", device, "--model", str(work / "m.pt"),
+                               "--out", str(work / "out"), "--quiet", str(tif)],
+                              capture_output=True, text=True, cwd=REPO)
+        s = time.perf_counter() - t0
     line = next((l for l in proc.stdout.splitlines() if " cells (" in l), proc.stderr[-500:])
-    print(f"end to end {shape}: {s:.1f} s (process start included); {line}", flush=True)
+    print(f"end to end {shape}: {s:.1f} s (process start included); "
+          f"{line.replace(str(tif), 'stack.tif')}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -143,23 +147,20 @@ def main(argv=None) -> int:
     import torch
 
     if args.cpu_dry_run:
-        shape = (16, 64, 64)
-        for preset in ("small", "standard"):
-            network(preset, shape, torch, device="cpu")
-            training_step(preset, torch, device="cpu", volume=(16, 64, 64))
-        end_to_end((16, 128, 128), device="cpu")
-        return 0
-    if not torch.cuda.is_available():
-        print("no CUDA GPU visible to PyTorch: nothing to measure")
-        return 1
-    p = torch.cuda.get_device_properties(0)
-    print(f"GPU {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}", flush=True)
-    shape = (117, 512, 512) if args.quick else (234, 1024, 1024)
+        device, shape, volume, e2e_shape = "cpu", (16, 64, 64), (16, 64, 64), (16, 128, 128)
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA GPU visible to PyTorch: nothing to measure")
+            return 1
+        p = torch.cuda.get_device_properties(0)
+        print(f"GPU {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+              f"CUDA {torch.version.cuda}", flush=True)
+        device, volume = "cuda", (234, 1024, 1024)
+        shape = e2e_shape = (117, 512, 512) if args.quick else volume
     for preset in ("small", "standard"):
-        network(preset, shape, torch)
-        training_step(preset, torch)
-    end_to_end(shape)
+        network(preset, shape, torch, device=device)
+        training_step(preset, torch, device=device, volume=volume)
+    end_to_end(e2e_shape, device=device)
     return 0
 
 
