@@ -408,7 +408,12 @@ def main(argv=None) -> int:
     from PySide6.QtWidgets import QApplication
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    from PySide6.QtGui import QIcon
+
+    from core.resources import resources_dir
+
     app = QApplication.instance() or QApplication([sys.argv[0]])
+    app.setWindowIcon(QIcon(str(resources_dir() / "icons" / "episeg.png")))
     window = MainWindow()
     window.show()
     if argv:

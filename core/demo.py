@@ -21,10 +21,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
+from core.resources import default_model, sample_stack
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-REAL_SAMPLE = RESOURCES / "samples" / "celegans_membrane_raw.tif"
-DEFAULT_MODEL = RESOURCES / "models" / "default.pt"
+REAL_SAMPLE = sample_stack("celegans_membrane_raw.tif")
 
 
 @dataclass
@@ -87,7 +86,7 @@ def run_demo(out_dir: Path, settings: Optional[DemoSettings] = None, *,
     check_cancelled(cancel, "The demo")
 
     # 2. training (the last training stack validates; test stacks stay unseen)
-    init = s.init_model or (DEFAULT_MODEL if DEFAULT_MODEL.exists() else None)
+    init = s.init_model or default_model()
     model_path = out / "model.pt"
     cfg = from_dict(TrainConfig, {
         "data": {

@@ -20,9 +20,8 @@ from app.job_panel import JobPanel
 from app.widgets import FileList, PathField, form_box
 from core.config import apply_overrides
 from core.pipeline import FileResult, PredictConfig, predict_files
+from core.resources import default_model
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "resources" / "models" / "default.pt"
 FLAG_COLUMNS = ("rank", "cell_id", "score", "reason", "volume_um3")
 
 
@@ -40,8 +39,8 @@ class PredictTab(QWidget):
         self.results: List[FileResult] = []
         self.model = PathField("open", "EpiSeg models (*.pt);;All files (*)",
                                "a model file written by training")
-        if DEFAULT_MODEL.exists():
-            self.model.setText(str(DEFAULT_MODEL))
+        if default_model() is not None:
+            self.model.setText(str(default_model()))
         self.inputs = FileList()
         self.inputs.list.setMaximumHeight(110)
         self.out_dir = PathField("folder", placeholder="folder for the label stacks")

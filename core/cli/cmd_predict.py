@@ -21,7 +21,8 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="stacks to segment")
-    p.add_argument("--model", required=True, help="model file written by 'episeg train'")
+    p.add_argument("--model", help="model file written by 'episeg train' (default: the bundled "
+                                   "default model, resources/models/default.pt)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--config", type=Path,
                    help="YAML file with a 'predict' section (flags override it)")
@@ -76,13 +77,21 @@ def build_config(args):
 def run(args) -> int:
     from core.errors import ConfigError
     from core.pipeline import predict_files
+    from core.resources import default_model
 
     config = build_config(args)
+    model = args.model or default_model()
+    if model is None:
+        raise ConfigError("command line: no --model given and this installation has no bundled "
+                          "default model (resources/models/default.pt); train one with "
+                          "'episeg train' and pass it with --model FILE.")
+    if args.model is None:
+        print(f"using the bundled default model {model}", file=sys.stderr)
     if args.workers is not None and args.scheduler:
         raise ConfigError("command line: give either --workers N (a local cluster) or "
                           "--scheduler ADDRESS (a running one), not both.")
     with TerminalProgress(quiet=args.quiet) as bar:
-        results = predict_files(args.model, args.inputs, args.out, config,
+        results = predict_files(model, args.inputs, args.out, config,
                                 channel=args.channel, workers=args.workers,
                                 scheduler=args.scheduler, progress=bar)
     failures = [r for r in results if r.error]
