@@ -1,7 +1,7 @@
-"""``python -m app [STACK [LABELS]]``: open the EpiSeg window."""
+"""``python -m app [STACK [LABELS]]``: open the EpiSeg window (splash screen first)."""
 
 import sys
 
-from app.main_window import main
+from app.launcher import open_window
 
-sys.exit(main())
+sys.exit(open_window(sys.argv[1:]))

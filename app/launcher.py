@@ -5,7 +5,8 @@
   runs :mod:`core.selftest` (bundled model on the bundled sample, TIFF and
   .mat written and checked); exit status 0 when everything passed;
 * ``EpiSeg --startup-check`` opens the window, prints the seconds from the
-  process start until it was shown, and quits (docs/benchmarks.md);
+  process start until the splash screen and until the window were shown, and
+  quits (docs/benchmarks.md);
 * ``EpiSeg COMMAND ...`` (``predict``, ``train``, ``demo``, ``--help``...) is
   the ``episeg`` command line, for scripts on machines with the frozen app only.
 """
@@ -81,23 +82,39 @@ def selftest() -> int:
     return 0 if report.passed and not problems else 1
 
 
-def startup_check(started: float) -> int:
-    from PySide6.QtCore import QTimer
-    from PySide6.QtWidgets import QApplication
+def open_window(argv: List[str], started: Optional[float] = None) -> int:
+    """Splash screen at once, then the main window (its modules take seconds to load).
 
-    from app.main_window import MainWindow
+    ``started``: the process start time; given, the seconds until the splash
+    and until the window are printed and the app quits (``--startup-check``).
+    """
+    from PySide6.QtCore import Qt, QTimer
+    from PySide6.QtGui import QColor, QIcon, QPixmap
+    from PySide6.QtWidgets import QApplication, QSplashScreen
+
+    from core.resources import resources_dir
 
     app = QApplication.instance() or QApplication([sys.argv[0]])
-    window = MainWindow()
-    window.show()
+    icon = str(resources_dir() / "icons" / "episeg.png")
+    app.setWindowIcon(QIcon(icon))
+    splash = QSplashScreen(QPixmap(icon))
+    splash.showMessage("Loading EpiSeg...", Qt.AlignBottom | Qt.AlignHCenter, QColor("white"))
+    splash.show()
+    app.processEvents()
+    splash_at = time.time()
 
-    def shown() -> None:
-        print(f"window shown {time.time() - started:.2f} s after the process started",
-              flush=True)
-        window.close()
-        app.quit()
+    from app.main_window import open_main_window
 
-    QTimer.singleShot(0, shown)
+    window = open_main_window(argv)
+    splash.finish(window)
+    if started is not None:
+        def shown() -> None:
+            print(f"splash shown {splash_at - started:.2f} s and window shown "
+                  f"{time.time() - started:.2f} s after the process started", flush=True)
+            window.close()
+            app.quit()
+
+        QTimer.singleShot(0, shown)
     return app.exec()
 
 
@@ -108,14 +125,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["--selftest"]:
         return selftest()
     if argv[:1] == ["--startup-check"]:
-        return startup_check(started)
+        return open_window([], started)
     if argv and (argv[0] in CLI_WORDS or argv[0] in _cli_commands()):
         from core.cli.main import main as cli_main
 
         return cli_main(argv)
-    from app.main_window import main as window_main
-
-    return window_main(argv)
+    return open_window(argv)
 
 
 if __name__ == "__main__":

@@ -401,21 +401,23 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
 
-def main(argv=None) -> int:
-    """Open the main window (``episeg gui`` / ``python -m app``); FILES open in the viewer."""
-    import sys
-
-    from PySide6.QtWidgets import QApplication
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from PySide6.QtGui import QIcon
-
-    from core.resources import resources_dir
-
-    app = QApplication.instance() or QApplication([sys.argv[0]])
-    app.setWindowIcon(QIcon(str(resources_dir() / "icons" / "episeg.png")))
+def open_main_window(argv: Optional[List[str]] = None) -> "MainWindow":
+    """Show the main window; ``argv``: a stack (and its labels) to open in the viewer."""
     window = MainWindow()
     window.show()
     if argv:
         window.open_in_viewer(argv[0], argv[1] if len(argv) > 1 else "")
-    return app.exec()
+    return window
+
+
+def main(argv=None) -> int:
+    """Open the main window (``episeg gui`` / ``python -m app``); FILES open in the viewer.
+
+    The window's modules load PyTorch and SciPy (seconds on a slow PC), so the
+    frozen app shows a splash screen first: :func:`app.launcher.open_window`.
+    """
+    import sys
+
+    from app.launcher import open_window
+
+    return open_window(list(sys.argv[1:] if argv is None else argv))

@@ -18,9 +18,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     try:
-        from app.main_window import main
+        import pyqtgraph  # noqa: F401
+        import PySide6.QtWidgets  # noqa: F401
+
+        from app.launcher import open_window
     except ImportError as err:  # PySide6 or pyqtgraph missing
         from core.errors import ConfigError
         raise ConfigError(f"The window needs PySide6 and pyqtgraph ({err}); install EpiSeg "
                           "with its GUI dependencies: pip install -e .") from None
-    return main(list(args.files))
+    return open_window(list(args.files))
