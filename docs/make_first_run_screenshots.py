@@ -18,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_screenshots import REPO, check, run_panel, wait_until  # noqa: E402  (sets offscreen)
+from make_screenshots import REPO, check, open_window, predict_and_show  # noqa: E402
 
-from PySide6.QtCore import QSettings  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 
@@ -32,19 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stack", type=Path, default=sample_stack("celegans_membrane_raw.tif"))
     args = ap.parse_args(argv)
 
-    from app.main_window import MainWindow
-
     app = QApplication.instance() or QApplication([sys.argv[0]])  # noqa: F841
     work = Path(tempfile.mkdtemp(prefix="episeg_first_run_"))
-    w = MainWindow(settings=QSettings(str(work / "settings.ini"), QSettings.IniFormat))
-    w.resize(1700, 1000)
-    w.show()
-
-    def shot(name: str) -> None:
-        QApplication.processEvents()
-        path = args.out / f"{name}.png"
-        w.grab().save(str(path))
-        print(f"saved {path}", flush=True)
+    w, shot = open_window(work, args.out)
 
     tab = w.predict_tab
     w.tabs.setCurrentWidget(tab)
@@ -54,12 +43,7 @@ def main(argv=None) -> int:
     tab.format.setCurrentText("tif")
     shot("first_1_predict_tab")
 
-    run_panel(tab.panel, 900)
-    n_cells = tab.results[0].n_cells
-    wait_until(lambda: w.viewer.labels is not None and int(w.viewer.labels.max()) == n_cells
-               and not w._load_job.is_running(), 60)
-    check(tab.flag_table.rowCount() > 0, "no flagged cells listed")
-    tab.flag_table.selectRow(0)
+    predict_and_show(w, 900)
     shot("first_2_cells")
     w.close()
     return 0

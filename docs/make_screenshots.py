@@ -62,6 +62,35 @@ def run_panel(panel, timeout_s: float) -> None:
     check(not panel.last_error, f"the job failed: {panel.last_error}")
 
 
+def open_window(work: Path, out: Path):
+    """The main window with fresh settings in ``work``, and ``shot(name)``: save it as out/name.png."""
+    from app.main_window import MainWindow
+
+    out.mkdir(parents=True, exist_ok=True)
+    w = MainWindow(settings=QSettings(str(work / "settings.ini"), QSettings.IniFormat))
+    w.resize(1700, 1000)
+    w.show()
+
+    def shot(name: str) -> None:
+        QApplication.processEvents()
+        path = out / f"{name}.png"
+        w.grab().save(str(path))
+        print(f"saved {path}", flush=True)
+
+    return w, shot
+
+
+def predict_and_show(w, timeout_s: float) -> None:
+    """Run the Predict tab; wait until its result is in the viewer; select the first flag."""
+    tab = w.predict_tab
+    run_panel(tab.panel, timeout_s)
+    n_cells = tab.results[0].n_cells
+    wait_until(lambda: w.viewer.labels is not None and int(w.viewer.labels.max()) == n_cells
+               and not w._load_job.is_running(), 60)
+    check(tab.flag_table.rowCount() > 0, "no flagged cells listed")
+    tab.flag_table.selectRow(0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
@@ -69,24 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=3.0, help="training budget in the Train tab")
     args = ap.parse_args(argv)
 
-    from app.main_window import MainWindow
     from core.synth import write_synthetic_dataset
 
-    app = QApplication.instance() or QApplication([sys.argv[0]])
-    args.out.mkdir(parents=True, exist_ok=True)
+    app = QApplication.instance() or QApplication([sys.argv[0]])  # noqa: F841
     work = args.work
     pairs = write_synthetic_dataset(work / "data", 4, (48, 192, 192), seed=31, overwrite=True)
     train_pairs, (test_raw, test_lab) = pairs[:3], pairs[3]
-    settings = QSettings(str(work / "settings.ini"), QSettings.IniFormat)
-    w = MainWindow(settings=settings)
-    w.resize(1700, 1000)
-    w.show()
-
-    def shot(name: str) -> None:
-        QApplication.processEvents()
-        path = args.out / f"{name}.png"
-        w.grab().save(str(path))
-        print(f"saved {path}", flush=True)
+    w, shot = open_window(work, args.out)
 
     # 1. Preprocess: a stack and its labels, what is inside, run, the result in the viewer
     tab = w.preprocess_tab
@@ -133,12 +151,7 @@ def main(argv=None) -> int:
     tab.inputs.add([str(test_raw)])
     tab.out_dir.setText(str(work / "cells"))
     tab.format.setCurrentText("tif")
-    run_panel(tab.panel, 600)
-    n_cells = tab.results[0].n_cells
-    wait_until(lambda: w.viewer.labels is not None and int(w.viewer.labels.max()) == n_cells
-               and not w._load_job.is_running(), 60)
-    check(tab.flag_table.rowCount() > 0, "no flagged cells listed")
-    tab.flag_table.selectRow(0)
+    predict_and_show(w, 600)
     tab._flag_clicked(0, 0)
     shot("03_predict")
     pred_file = tab.results[0].outputs[0]
