@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -150,9 +151,12 @@ fine-tune it on a few of your own annotated stacks (Train tab, "Fine-tune";
   (`sample_patch.h5`, plant tissue, unknown voxel size, cells ~40 voxels
   wide) was left out: its cells and optics are unlike an epithelium's, and
   mixing it in would teach the network a second cell scale.
-* Background outside the tissue was dark and smooth in training. Textured
-  background (yolk, debris, a second tissue) gets cut into false cells: on the
-  C. elegans stack the background around the embryo is split into pieces.
+* Background outside the tissue was dark and smooth in training. On the
+  C. elegans stack (real, no voxel size recorded, so taken as the model's)
+  the noisy background around the embryo becomes one very large "cell" (the
+  flags rank it first, as unusually large), and the part of the embryo with
+  the faintest membranes merges into it. Fine-tune on a few of your own
+  stacks before trusting it on such data.
 * Slivers of cells cut by the stack's faces (a few voxels thick) are mostly
   missed or merged into their neighbour (docs/accuracy.md, "What limits it").
 * Nuclear or cytoplasmic stains are not what it was trained for.
@@ -181,7 +185,8 @@ def main(argv=None) -> int:
                  "best_valid_ap50": float(best.get("ap50", np.nan)),
                  "patch": list(result.patch_size), "train_minutes": (time.monotonic() - t0) / 60,
                  "iterations_per_epoch": args.iterations_per_epoch, "n_train": args.n_train,
-                 "machine": f"{platform.machine()} CPU, {result.device}"}
+                 "machine": (f"a {os.cpu_count()}-core {platform.machine()} CPU"
+                             if result.device == "cpu" else result.device)}
         facts_path.write_text(json.dumps(facts, indent=2, default=float))
     facts = json.loads(facts_path.read_text())
 
