@@ -34,6 +34,14 @@ class PathField(QWidget):
         layout.addWidget(self.edit, 1)
         layout.addWidget(browse)
 
+    def add_choice(self, label: str, path: str, tooltip: str = "") -> QPushButton:
+        """A button after Browse that fills in ``path`` (e.g. the bundled default model)."""
+        button = QPushButton(label)
+        button.setToolTip(tooltip or path)
+        button.clicked.connect(lambda: self.setText(path))
+        self.layout().addWidget(button)
+        return button
+
     def text(self) -> str:
         return self.edit.text().strip()
 

@@ -21,6 +21,7 @@ from app.widgets import DataTable, PathField, form_box
 from core.config import apply_overrides
 from core.errors import EpiSegError
 from core.jobs import ProgressEvent
+from core.resources import default_model
 from core.train import TrainConfig, train
 
 
@@ -63,6 +64,9 @@ class TrainTab(QWidget):
         self.patch = QLineEdit()
         self.patch.setPlaceholderText("automatic (from the memory); or z, y, x voxels")
         self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")
+        if default_model() is not None:
+            self.init.add_choice("Default model", str(default_model()),
+                                 "fine-tune the bundled default model (resources/models/default.md)")
         self.out = PathField("save", "EpiSeg models (*.pt)", "where the model is saved")
         self.resume = QCheckBox("Resume the run saved in this model file")
 

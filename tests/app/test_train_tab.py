@@ -96,3 +96,17 @@ def test_settings_round_trip_through_a_config(qtbot, stacks, tmp_path):
     assert other.val_data.sources() == [{"raw": stacks[0][1], "labels": stacks[1][1]}]
     assert other.loss.currentText() == "dice" and other.patch.text() == "8, 32, 32"
     assert other.config().optimizer.lr == 0.001
+
+
+def test_default_model_button_fills_in_the_bundled_model_to_fine_tune(qtbot):
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QPushButton
+
+    from core.resources import default_model
+
+    tab = TrainTab()
+    qtbot.addWidget(tab)
+    assert tab.init.text() == ""  # training from scratch unless the user chooses
+    button = next(b for b in tab.init.findChildren(QPushButton) if b.text() == "Default model")
+    qtbot.mouseClick(button, Qt.LeftButton)
+    assert tab.init.text() == str(default_model())
