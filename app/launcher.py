@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -119,7 +118,8 @@ def open_window(argv: List[str], started: Optional[float] = None) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    multiprocessing.freeze_support()  # dask / torch workers of a frozen build start here
+    """Dispatch as the module docstring says (packaging/episeg_entry.py has called
+    ``multiprocessing.freeze_support()`` before)."""
     started = _process_start()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--selftest"]:

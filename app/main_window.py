@@ -409,15 +409,3 @@ def open_main_window(argv: Optional[List[str]] = None) -> "MainWindow":
         window.open_in_viewer(argv[0], argv[1] if len(argv) > 1 else "")
     return window
 
-
-def main(argv=None) -> int:
-    """Open the main window (``episeg gui`` / ``python -m app``); FILES open in the viewer.
-
-    The window's modules load PyTorch and SciPy (seconds on a slow PC), so the
-    frozen app shows a splash screen first: :func:`app.launcher.open_window`.
-    """
-    import sys
-
-    from app.launcher import open_window
-
-    return open_window(list(sys.argv[1:] if argv is None else argv))
