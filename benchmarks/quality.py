@@ -408,6 +408,10 @@ def run_set(label: str, data: Dict[str, Any], variants: Sequence[str], minutes: 
             model_path = out / "models" / f"{label}_{variant}{args.data_tag}.pt"
             model_path.parent.mkdir(parents=True, exist_ok=True)
             facts = train_variant(variant, data, model_path, minutes, args)
+            if args.train_only:
+                print(f"   trained: {model_path} ({facts['epochs']} epochs, "
+                      f"{facts['train_minutes']:.1f} min, patch {facts['patch']})", flush=True)
+                continue
             model, info = load_model_for_inference(model_path, "cpu")
             grid = SEGMENT_GRID + (REAL_EXTRA_GRID if label == "real" else [])
             segment, val_score = tune_segmentation(model, info, data["tune"], grid)
@@ -459,6 +463,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tta", type=lambda s: s.split(","), default=[],
                     help="variants also scored with flip test-time augmentation (comma-separated)")
     ap.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train (and cache in --out/models) without tuning or scoring: for a short "
+                         "GPU lease; a later run with the same --out scores the cached models")
     args = ap.parse_args(argv)
     variants = SCREEN if args.variants == "all" else args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -475,6 +482,8 @@ def main(argv=None) -> int:
         synthetic = run_set("synthetic", make_data(args, args.out), variants, args.minutes,
                             args, args.out)
         report["synthetic"] = synthetic
+        if args.train_only:
+            return 0
         md.append(markdown(synthetic, f"Held-out synthetic stacks ({args.minutes:g} min per variant)"))
         print_summary(synthetic, "synthetic")
     if args.real_minutes > 0:
