@@ -28,6 +28,7 @@ import torch
 from scipy import ndimage as ndi
 
 from core.model import build_model, count_parameters, fuse_batchnorm, preset_config, required_divisor
+from core.precision import cpu_has_native_bf16
 from core.predict import DEFAULT_OVERLAP, _MkldnnConv3d, predict_probabilities, prepare_model
 from core.tiling import make_grid
 
@@ -90,6 +91,9 @@ def cpu_paths(preset: str, norm: str, shape) -> None:
     fast = prepare_model(model, torch.device("cpu"))
     n_mk = sum(isinstance(m, _MkldnnConv3d) for m in fast.modules())
     print(f"  {norm:5s} predictor (channels_last_3d + oneDNN x{n_mk}):      {rate(fast, x)}")
+    bf16 = prepare_model(model, torch.device("cpu"), dtype=torch.bfloat16)
+    print(f"  {norm:5s} predictor, bf16 network (CPUs with native bf16): "
+          f"{rate(bf16, x.to(torch.bfloat16))}  (native bf16 here: {cpu_has_native_bf16()})")
     small = tuple(max(8, s // 4) for s in shape)
     xs = torch.randn(1, 1, *small)
     print(f"  {norm:5s} bf16 autocast on {small}: {rate(plain, xs, autocast=True)}  vs fp32 {rate(plain, xs)}")
@@ -110,6 +114,8 @@ def main() -> None:
     ap.add_argument("--tile", default=None, help="tile Z x Y x X (default: automatic)")
     ap.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="overlap fraction")
     ap.add_argument("--tta", action="store_true", help="8-flip test-time augmentation")
+    ap.add_argument("--fp32", action="store_true",
+                    help="float32 even on a CPU with native bf16 (predict_probabilities amp=False)")
     ap.add_argument("--memmap", default=None, help="folder for np.memmap input and output (big volumes)")
     ap.add_argument("--cpu-paths", action="store_true", help="compare CPU kernel paths on one tile")
     ap.add_argument("--compare", action="store_true",
@@ -119,7 +125,8 @@ def main() -> None:
     kw = {} if args.norm is None else {"norm": args.norm}
     cfg = preset_config(args.preset, **kw)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset} "
-          f"(norm {cfg.norm}, {count_parameters(build_model(cfg))} parameters)")
+          f"(norm {cfg.norm}, {count_parameters(build_model(cfg))} parameters), precision "
+          f"{'bf16' if cpu_has_native_bf16() and not args.fp32 else 'fp32'}")
     if args.cpu_paths:
         for norm in ("group", "batch"):
             cpu_paths(args.preset, norm, (64, 128, 128))
@@ -144,7 +151,7 @@ def main() -> None:
     sampler.start()
     c0, t0 = time.process_time(), time.perf_counter()
     res = predict_probabilities(model, image, tile_shape=tile, overlap=args.overlap, tta=args.tta,
-                                out=out, progress=events.append)
+                                out=out, progress=events.append, amp=not args.fp32)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     first = events[0].message
     grid_tile = tuple(int(v) for v in first.split(" of ")[1].split()[0].split("x"))

@@ -7,6 +7,8 @@ Examples (from the repository root)::
 
 One step = forward, BCE + Dice loss, backward and Adam, on random data of the
 training patch size ``episeg train`` picks on a CPU for 1 x 0.3 x 0.3 um voxels.
+``--bf16`` adds a third setup: channels_last_3d under bfloat16 autocast (what
+``episeg train`` does on a CPU with native bf16, core.precision).
 The layouts run in alternating rounds so that a busy neighbour on a shared
 machine slows both alike; the median round is printed, with voxels per second.
 """
@@ -44,17 +46,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=5, help="steps per round")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true", help="also time bfloat16 autocast")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     patch = tuple(int(v) for v in args.patch.split(","))
     loss_fn = make_loss("bce_dice")
-    layouts = {"contiguous (NCDHW)": False, "channels_last_3d (what episeg train uses on a CPU)": True}
-    setups = {name: _setup(cl, patch, args.batch, args.preset) for name, cl in layouts.items()}
+    layouts = {"contiguous (NCDHW)": (False, False),
+               "channels_last_3d (episeg train on a CPU without native bf16)": (True, False)}
+    if args.bf16:
+        layouts["channels_last_3d + bf16 autocast (a CPU with native bf16)"] = (True, True)
+    setups = {name: (*_setup(cl, patch, args.batch, args.preset), bf16)
+              for name, (cl, bf16) in layouts.items()}
 
     def step(s) -> None:
-        model, opt, image, target = s
-        loss = loss_fn(model(image), target)
+        model, opt, image, target, bf16 = s
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(image)
+        loss = loss_fn(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

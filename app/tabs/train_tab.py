@@ -60,7 +60,8 @@ class TrainTab(QWidget):
         self.minutes.setSuffix(" min")
         self.amp = QComboBox()
         self.amp.addItems(["auto", "on", "off"])
-        self.amp.setToolTip("Mixed precision on a GPU (auto: on with CUDA, off on the CPU)")
+        self.amp.setToolTip("Mixed precision (auto: on with CUDA, and on a CPU that computes "
+                            "bf16 in hardware; off elsewhere on the CPU, where it would be slower)")
         self.patch = QLineEdit()
         self.patch.setPlaceholderText("automatic (from the memory); or z, y, x voxels")
         self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")

@@ -66,7 +66,8 @@ def register(sub) -> None:
                    help="training voxel size in um; stacks are resampled to it "
                         "(default: the first training stack's)")
     p.add_argument("--amp", choices=["auto", "on", "off"],
-                   help="mixed precision: auto (CUDA yes, CPU no), on, off")
+                   help="mixed precision: auto (CUDA yes; a CPU only where it computes bf16 in "
+                        "hardware), on, off")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (default 0)")

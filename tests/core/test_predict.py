@@ -12,8 +12,16 @@ from scipy import ndimage as ndi
 
 from core.errors import ConfigError, JobCancelled, VolumeDataError
 from core.model import ModelConfig, build_model, receptive_field, required_divisor, small_config
+from core.precision import ENV_OVERRIDE
 from core.predict import predict_probabilities
 from core.tiling import axis_starts, make_grid
+
+
+@pytest.fixture(autouse=True)
+def float32_network_on_any_cpu(monkeypatch):
+    """These tests check the tiling and blending arithmetic, in float32 on every CPU;
+    the bfloat16 network of CPUs with native bf16 is checked in test_precision.py."""
+    monkeypatch.setenv(ENV_OVERRIDE, "0")
 
 
 def whole_volume(model, image: np.ndarray) -> np.ndarray:
