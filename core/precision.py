@@ -6,9 +6,10 @@
   bf16 in hardware (AVX512-BF16 or AMX: Intel since Cooper Lake / Sapphire
   Rapids, AMD since Zen 4). There oneDNN's bf16 convolutions are faster than
   float32; measured on a 2-core AMD EPYC with AVX512-BF16, small preset: one
-  training step (batch 2, patch 32 x 104 x 104) 0.60 -> 0.41 s, one pass over
-  a 64 x 256 x 256 stack 2.6 -> 0.9 s. Elsewhere bf16 is emulated and 14-30x
-  slower (measured on an AVX2-only EPYC), so those CPUs stay in float32.
+  training step (batch 2, patch 32 x 104 x 104) 666 -> 442 ms, the network
+  over a 64 x 512 x 512 stack 7.5 -> 4.1 s (docs/benchmarks.md). Elsewhere
+  bf16 is emulated and 14-30x slower (measured on an AVX2-only EPYC), so
+  those CPUs stay in float32.
 
 ``EPISEG_CPU_BF16=0`` (or ``1``) in the environment overrides the detection.
 """
@@ -39,8 +40,3 @@ def cpu_has_native_bf16() -> bool:
         except Exception:  # a private probe that changed or is missing in this build
             continue
     return False
-
-
-def cpu_autocast_dtype() -> "torch.dtype | None":
-    """bfloat16 where the CPU computes it natively, else None (stay in float32)."""
-    return torch.bfloat16 if cpu_has_native_bf16() else None

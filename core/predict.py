@@ -21,7 +21,7 @@ How it works (:func:`predict_probabilities`):
   flipped inputs.
 * Precision (``amp``, :mod:`core.precision`): CUDA runs under
   ``torch.autocast`` (float16); a CPU that computes bfloat16 in hardware
-  (AVX512-BF16 / AMX) runs a bfloat16 copy of the network (2.6-3x faster
+  (AVX512-BF16 / AMX) runs a bfloat16 copy of the network (about 2x faster
   than float32 there); other CPUs stay in float32 (bf16 is emulated there and
   far slower). Probabilities are accumulated and blended in float32 either way.
 """
