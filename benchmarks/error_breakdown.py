@@ -23,10 +23,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from core.io import read_labels
-from core.metrics import contingency_table, match_cells
+from core.metrics import contingency_table, face_sliver_ids, match_cells
 
 
 def breakdown(gt: np.ndarray, pred: np.ndarray, voxel_size, sliver_um3: float) -> dict:
@@ -36,16 +35,13 @@ def breakdown(gt: np.ndarray, pred: np.ndarray, voxel_size, sliver_um3: float) -
     gid, pid = table.pair_ids()
     got_gt = set(int(g) for g in gid[matched])
     got_pred = set(int(p) for p in pid[matched])
-    vox = float(np.prod(voxel_size))
-    boxes = ndi.find_objects(gt)
+    slivers = set(face_sliver_ids(gt, voxel_size, sliver_um3).tolist())
     sliver = other = 0
-    for g, size in zip(table.gt_ids, table.gt_sizes):
+    for g in table.gt_ids:
         g = int(g)
         if g == 0 or g in got_gt:
             continue
-        box = boxes[g - 1]
-        at_face = any(s.start == 0 or s.stop == n for s, n in zip(box, gt.shape))
-        if at_face and size * vox < sliver_um3:
+        if g in slivers:
             sliver += 1
         else:
             other += 1

@@ -4,7 +4,11 @@ For every method variant: train with a fixed CPU budget on the same stacks,
 tune the post-processing (seed thresholds and erosion) on the validation stacks
 only (one like the training data, one with smaller cells), then report per held-out stack and on average: cell IoU, AP50, F1,
 adapted Rand error, VOI split/merge, wrongCells, training minutes, prediction
-seconds, and how well the per-cell flags (core.flags) find the wrong cells.
+seconds, and how well the per-cell flags (core.flags) find the wrong cells: the
+precision of the top 10, and the share of the wrong cells within the top *n*
+ranks (*n* = their number), for all of them and for those that are wrong for
+another reason than a sliver cut off by the stack's faces
+(core.flags.face_sliver_merges).
 
 Held-out data:
 
@@ -54,7 +58,8 @@ sys.path.insert(0, str(REPO))
 from core.checkpoint import load_model_for_inference  # noqa: E402
 from core.classical import ClassicalParams, classical_cells  # noqa: E402
 from core.config import from_dict  # noqa: E402
-from core.flags import cell_flags, flag_precision, wrong_predicted_cells  # noqa: E402
+from core.flags import (cell_flags, face_sliver_merges, flag_precision,  # noqa: E402
+                        wrong_predicted_cells)
 from core.io import read_labels, read_volume, write_volume  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.pipeline import PredictConfig, segment_stack  # noqa: E402
@@ -65,7 +70,8 @@ from core.volume import Volume  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 COLUMNS = ("cell_iou", "ap50", "f1_50", "adapted_rand_error", "voi_split", "voi_merge",
-           "wrong_cells_share", "flag_precision_top10")
+           "wrong_cells_share", "flag_precision_top10", "flag_recall_top_n_wrong",
+           "flag_recall_top_n_other")
 
 #: Training-config overrides of each variant (on top of TrainConfig's defaults).
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -155,7 +161,10 @@ def _metrics(gt: np.ndarray, labels: np.ndarray, probs: Optional[Dict[str, np.nd
     m["wrong_cells_share"] = m["wrong_cells"] / max(1, m["n_gt_cells"])
     if probs is not None:
         rows = cell_flags(labels, probs.get("boundary"), probs.get("cell"), voxel_size=voxel_size)
-        fp = flag_precision(rows, wrong_predicted_cells(res.cells), ks=(10, 20))
+        wrong = wrong_predicted_cells(res.cells)
+        fp = flag_precision(rows, wrong, ks=(10, 20),
+                            face_slivers=face_sliver_merges(gt, labels, wrong,
+                                                             voxel_size=voxel_size))
         m.update({f"flag_{k}": v for k, v in fp.items()})
     else:
         m["flag_precision_top10"] = float("nan")
@@ -368,17 +377,21 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, float]:
 
 def markdown(results: Dict[str, Dict[str, Any]], title: str) -> str:
     head = ("| variant | stack | cell IoU | AP50 | F1 | ARE | VOI split | VOI merge | "
-            "wrongCells (share) | flags top-10 precision | train min | predict s |")
-    lines = [f"### {title}", "", head, "|" + " --- |" * 12]
+            "wrongCells (share) | flags top-10 precision | flags recall top n (all / not face "
+            "slivers) | train min | predict s |")
+    lines = [f"### {title}", "", head, "|" + " --- |" * 13]
     for variant, res in results.items():
         for r in res["rows"] + [{"stack": "**mean**", **res["mean"]}]:
             wc = (f"{int(r['wrong_cells'])} ({r['wrong_cells_share']:.1%})" if "n_gt_cells" in r
                   and r["stack"] != "**mean**" else f"{r['wrong_cells']:.1f} ({r['wrong_cells_share']:.1%})")
             flag = r.get("flag_precision_top10", float("nan"))
+            recall = "" if np.isnan(flag) else " / ".join(
+                f"{r.get(k, float('nan')):.2f}"
+                for k in ("flag_recall_top_n_wrong", "flag_recall_top_n_other"))
             lines.append(
                 f"| {variant} | {r['stack']} | {r['cell_iou']:.3f} | {r['ap50']:.3f} | "
                 f"{r['f1_50']:.3f} | {r['adapted_rand_error']:.3f} | {r['voi_split']:.3f} | "
-                f"{r['voi_merge']:.3f} | {wc} | {'' if np.isnan(flag) else f'{flag:.2f}'} | "
+                f"{r['voi_merge']:.3f} | {wc} | {'' if np.isnan(flag) else f'{flag:.2f}'} | {recall} | "
                 f"{res.get('train_minutes', 0):.1f} | {r['predict_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 

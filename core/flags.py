@@ -34,6 +34,7 @@ from scipy import ndimage as ndi
 
 from core.errors import VolumeDataError
 from core.io.atomic import atomic_path
+from core.metrics import contingency_table, face_sliver_ids
 from core import segment
 from core.scratch import release_pages
 from core.segment import _Prob
@@ -290,9 +291,56 @@ def wrong_predicted_cells(cells: List[Dict[str, Any]]) -> set:
     return wrong
 
 
-def flag_precision(rows: List[Dict[str, Any]], wrong: set, ks: Sequence[int]) -> Dict[str, float]:
+def face_sliver_merges(gt: np.ndarray, labels: np.ndarray, wrong: set, *,
+                       voxel_size: Sequence[float] = (1.0, 1.0, 1.0), sliver_um3: float = 150.0,
+                       split_merge_fraction: float = 0.2) -> set:
+    """The wrong predicted cells whose only fault is a sliver cut off by the stack's faces.
+
+    gt, labels: ZYX label stacks (0 = background); voxel_size in micrometres.
+    Such a cell matches the GT cell it overlaps most (IoU >= 0.5), no other
+    predicted cell holds ``split_merge_fraction`` of that GT cell, and the
+    other GT cells it covers (that fraction of their voxels) are all face
+    slivers (:func:`core.metrics.face_sliver_ids`, under ``sliver_um3``),
+    which the network sees as wall (docs/accuracy.md, step 12). Returns a
+    subset of ``wrong`` (:func:`wrong_predicted_cells`).
+    """
+    if not wrong:
+        return set()
+    table = contingency_table(gt, labels)
+    gid, pid = (a.astype(np.int64) for a in table.pair_ids())
+    g_size = np.zeros(int(table.gt_ids.max()) + 1, np.int64)
+    g_size[table.gt_ids.astype(np.int64)] = table.gt_sizes
+    p_size = np.zeros(int(table.pred_ids.max()) + 1, np.int64)
+    p_size[table.pred_ids.astype(np.int64)] = table.pred_sizes
+    slivers = set(face_sliver_ids(gt, voxel_size, sliver_um3).tolist())
+    out = set()
+    for p in wrong:
+        sel = (pid == p) & (gid > 0)
+        g, c = gid[sel], table.counts[sel]
+        if len(g) < 2:
+            continue
+        main = int(np.argmax(c))
+        own = int(g[main])
+        iou = c[main] / (g_size[own] + p_size[p] - c[main])
+        rivals = (gid == own) & (pid > 0) & (pid != p)
+        covered = [int(x) for k, (x, n) in enumerate(zip(g, c))
+                   if k != main and n >= split_merge_fraction * g_size[x]]
+        if (iou >= 0.5 and covered and set(covered) <= slivers
+                and not np.any(table.counts[rivals] >= split_merge_fraction * g_size[own])):
+            out.add(int(p))
+    return out
+
+
+def flag_precision(rows: List[Dict[str, Any]], wrong: set, ks: Sequence[int],
+                   face_slivers: Optional[set] = None) -> Dict[str, float]:
     """Precision of the top-k flags against the truly wrong cells, for each k,
-    and the share of wrong cells found in the top ``len(wrong)`` and top 10 %."""
+    and the share of wrong cells found in the top ``len(wrong)`` and top 10 %.
+
+    face_slivers: the wrong cells whose only fault is a face sliver
+    (:func:`face_sliver_merges`); given, ``recall_top_n_other`` is the share of
+    the other wrong cells found in the top *m* ranks (*m* = their number; the
+    sliver cells stay in the ranking, counted as not wrong).
+    """
     ranked = [r["cell_id"] for r in rows]
     out: Dict[str, float] = {"n_cells": len(ranked), "n_wrong": len(wrong)}
     for k in ks:
@@ -303,4 +351,9 @@ def flag_precision(rows: List[Dict[str, Any]], wrong: set, ks: Sequence[int]) ->
     k10 = max(1, int(round(0.1 * len(ranked))))
     out["recall_top10pct"] = (sum(c in wrong for c in ranked[:k10]) / k) if k else float("nan")
     out["base_rate"] = k / len(ranked) if ranked else float("nan")
+    if face_slivers is not None:
+        other = set(wrong) - set(face_slivers)
+        m = len(other)
+        out["n_face_sliver"] = len(set(wrong) & set(face_slivers))
+        out["recall_top_n_other"] = (sum(c in other for c in ranked[:m]) / m) if m else float("nan")
     return out

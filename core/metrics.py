@@ -427,6 +427,22 @@ def pair_iou(table: ContingencyTable) -> np.ndarray:
     return iou
 
 
+def face_sliver_ids(gt: np.ndarray, voxel_size: Sequence[float], sliver_um3: float) -> np.ndarray:
+    """Ids of the GT cells that touch a face of the stack with less than
+    ``sliver_um3`` cubic micrometres inside it: caps of cells the stack's border
+    cuts off, often 1-4 voxels thick (docs/accuracy.md). gt: ZYX labels;
+    voxel_size: (z, y, x) in micrometres."""
+    gt = np.asarray(gt)
+    sizes = np.bincount(gt.ravel().astype(np.int64))
+    at_face = np.zeros(len(sizes), bool)
+    for axis in range(gt.ndim):
+        for end in (0, -1):
+            at_face[np.unique(np.take(gt, end, axis=axis)).astype(np.int64)] = True
+    at_face[0] = False
+    small = sizes * float(np.prod(voxel_size)) < sliver_um3
+    return np.flatnonzero(at_face & small & (sizes > 0))
+
+
 def match_cells(table: ContingencyTable, iou_threshold: float = 0.5) -> np.ndarray:
     """One-to-one matching of GT and predicted cells by IoU >= ``iou_threshold``.
 

@@ -92,3 +92,28 @@ def test_csv_has_a_header_and_one_ranked_row_per_cell(tmp_path):
 def test_shape_mismatch_is_named():
     with pytest.raises(flags_mod.VolumeDataError, match="boundary probability"):
         cell_flags(np.ones((4, 8, 8), np.uint8), np.zeros((4, 8, 9), np.float32))
+
+
+def test_a_cell_that_only_swallowed_a_face_sliver_is_told_apart_from_a_real_merge():
+    gt = np.zeros((12, 24, 40), np.uint16)  # a background rim except at the X faces
+    for cell, (x0, x1) in enumerate([(0, 10), (10, 12), (12, 24), (24, 36), (36, 38), (38, 40)], 1):
+        gt[1:11, 1:23, x0:x1] = cell        # cells 2 and 5: thin, inside; 6: a face sliver
+    pred = gt.copy()
+    pred[gt == 2] = 1                       # cell 1 swallows a thin inner cell: a real merge
+    pred[gt == 5] = 4                       # cell 4 swallows one too ...
+    pred[gt == 6] = 4                       # ... and the face sliver
+    wrong = wrong_predicted_cells(evaluate(gt, pred).cells)
+    assert {1, 4} <= wrong
+    kwargs = dict(voxel_size=(1.0, 1.0, 1.0), sliver_um3=500)  # cells 2, 5, 6: 440 voxels
+    assert flags_mod.face_sliver_merges(gt, pred, wrong, **kwargs) == set()
+    pred[gt == 5] = 5                       # now cell 4's only fault is the face sliver
+    wrong = wrong_predicted_cells(evaluate(gt, pred).cells)
+    slivers = flags_mod.face_sliver_merges(gt, pred, wrong, **kwargs)
+    assert slivers == {4}
+    # the recall of the other wrong cells (cell 1) within the top 1 of a ranking
+    fp = flag_precision([{"cell_id": c} for c in (4, 1, 3, 5)], wrong, ks=(1,),
+                        face_slivers=slivers)
+    assert fp["n_face_sliver"] == 1 and fp["recall_top_n_other"] == 0.0
+    fp = flag_precision([{"cell_id": c} for c in (1, 4, 3, 5)], wrong, ks=(1,),
+                        face_slivers=slivers)
+    assert fp["recall_top_n_other"] == 1.0
