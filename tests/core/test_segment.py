@@ -390,3 +390,17 @@ def test_no_room_for_a_working_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(scratch, "SCRATCH_ABOVE_BYTES", 0)
     with pytest.raises(VolumeWriteError, match="free space there or choose another output folder"):
         scratch.scratch_array((4, 8, 8), np.uint8, tmp_path / "missing")
+
+
+def test_the_cell_channel_corrects_a_boundary_channel_unsure_where_the_wall_is():
+    # two cells meet between x = 19 and x = 20; the boundary channel sees a wide
+    # flat wall two voxels off (x 14..21), the cell channel's gap is right (x 18..21)
+    shape = (4, 8, 40)
+    x = np.arange(shape[2])[None, None, :]
+    boundary = np.broadcast_to(((x >= 14) & (x <= 21)).astype(np.float32), shape)
+    cell = np.broadcast_to(((x <= 17) | (x >= 22)).astype(np.float32), shape)
+    labels = cells_from_probabilities(cell, boundary, tissue_prob=np.ones(shape, np.float32),
+                                      voxel_size=(1.0, 1.0, 1.0))
+    row = labels[2, 4]
+    assert len(np.unique(labels)) == 2 and row[0] != row[39]
+    assert (row[:20] == row[0]).all() and (row[20:] == row[39]).all()
