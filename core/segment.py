@@ -20,11 +20,11 @@ Cells are recovered in three steps:
 3. **Watershed** from the seeds inside the mask, of the mean of the boundary
    probability and ``1 - cell_prob`` when the network predicts both (two
    estimates of where the wall is: 0.002-0.005 lower adapted Rand error than
-   the boundary alone, docs/accuracy.md step 12), else of the one it has, run slab by slab along Z with a halo, one slab per
-   CPU at a time. Seeds carry global ids, so slabs stitch without seams and
-   memory stays bounded by the slabs, not the stack (the stack-sized masks,
-   seeds and labels of a large stack are memory-mapped scratch files,
-   :mod:`core.scratch`).
+   the boundary alone, docs/accuracy.md step 12), else of the one it has. It
+   runs slab by slab along Z with a halo, one slab per CPU at a time. Seeds
+   carry global ids, so slabs stitch without seams and memory stays bounded
+   by the slabs, not the stack (the stack-sized masks, seeds and labels of a
+   large stack are memory-mapped scratch files, :mod:`core.scratch`).
 
 Cells smaller than ``min_cell_size_um3`` are dissolved into their neighbours
 and ids are made consecutive: background 0, cells 1..n.
