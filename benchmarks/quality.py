@@ -163,7 +163,7 @@ def _metrics(gt: np.ndarray, labels: np.ndarray, probs: Optional[Dict[str, np.nd
         rows = cell_flags(labels, probs.get("boundary"), probs.get("cell"), voxel_size=voxel_size)
         wrong = wrong_predicted_cells(res.cells)
         fp = flag_precision(rows, wrong, ks=(10, 20),
-                            face_slivers=face_sliver_merges(gt, labels, wrong,
+                            face_slivers=face_sliver_merges(gt, labels, wrong, table=res.table,
                                                              voxel_size=voxel_size))
         m.update({f"flag_{k}": v for k, v in fp.items()})
     else:

@@ -293,10 +293,11 @@ def wrong_predicted_cells(cells: List[Dict[str, Any]]) -> set:
 
 def face_sliver_merges(gt: np.ndarray, labels: np.ndarray, wrong: set, *,
                        voxel_size: Sequence[float] = (1.0, 1.0, 1.0), sliver_um3: float = 150.0,
-                       split_merge_fraction: float = 0.2) -> set:
+                       split_merge_fraction: float = 0.2, table=None) -> set:
     """The wrong predicted cells whose only fault is a sliver cut off by the stack's faces.
 
-    gt, labels: ZYX label stacks (0 = background); voxel_size in micrometres.
+    gt, labels: ZYX label stacks (0 = background); voxel_size in micrometres;
+    ``table``: their contingency table when already made (``evaluate(...).table``).
     Such a cell matches the GT cell it overlaps most (IoU >= 0.5), no other
     predicted cell holds ``split_merge_fraction`` of that GT cell, and the
     other GT cells it covers (that fraction of their voxels) are all face
@@ -306,7 +307,8 @@ def face_sliver_merges(gt: np.ndarray, labels: np.ndarray, wrong: set, *,
     """
     if not wrong:
         return set()
-    table = contingency_table(gt, labels)
+    if table is None:
+        table = contingency_table(gt, labels)
     gid, pid = (a.astype(np.int64) for a in table.pair_ids())
     g_size = np.zeros(int(table.gt_ids.max()) + 1, np.int64)
     g_size[table.gt_ids.astype(np.int64)] = table.gt_sizes

@@ -110,6 +110,9 @@ def test_a_cell_that_only_swallowed_a_face_sliver_is_told_apart_from_a_real_merg
     wrong = wrong_predicted_cells(evaluate(gt, pred).cells)
     slivers = flags_mod.face_sliver_merges(gt, pred, wrong, **kwargs)
     assert slivers == {4}
+    # the table evaluate() already made gives the same answer
+    assert flags_mod.face_sliver_merges(gt, pred, wrong, table=evaluate(gt, pred).table,
+                                        **kwargs) == {4}
     # the recall of the other wrong cells (cell 1) within the top 1 of a ranking
     fp = flag_precision([{"cell_id": c} for c in (4, 1, 3, 5)], wrong, ks=(1,),
                         face_slivers=slivers)
