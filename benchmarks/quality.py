@@ -89,6 +89,11 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "all_percentile": {"target": "all", "data": {"normalisation": {"mode": "percentile"}}},
     "all_wide": {"target": "all", "model": {"base_features": 16}},
     "all_deep": {"target": "all", "model": {"depth": 4}},
+    # thinner targets (step 13): boundaries from the 6 face neighbours only, and
+    # also the gaps between cells
+    "all_bconn1": {"target": "all", "data": {"targets": {"boundary_connectivity": 1}}},
+    "all_conn1": {"target": "all", "data": {"targets": {"boundary_connectivity": 1,
+                                                        "connectivity": 1}}},
     "robust": {"data": {"normalisation": {"mode": "robust"}}},
     "ema": {"ema_decay": 0.99},
     "no_ema": {"ema_decay": 0.0},
