@@ -89,6 +89,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "all_percentile": {"target": "all", "data": {"normalisation": {"mode": "percentile"}}},
     "all_wide": {"target": "all", "model": {"base_features": 16}},
     "all_deep": {"target": "all", "model": {"depth": 4}},
+    # the standard preset (32 feature maps at the top, 5.6 M parameters): too slow
+    # for a CPU budget, run on a lent GPU to see whether capacity limits (step 14)
+    "standard": {"model": {"preset": "standard"}},
     # thinner targets (step 13): boundaries from the 6 face neighbours only, and
     # also the gaps between cells
     "all_bconn1": {"target": "all", "data": {"targets": {"boundary_connectivity": 1}}},
