@@ -130,6 +130,11 @@ REAL_EXTRA_GRID: List[Dict[str, Any]] = [
     {"seed_method": "distance", "seed_threshold": t, "seed_max_boundary": 1 - t, "seed_h_um": h}
     for t, h in itertools.product((0.5, 0.7), (1.5, 3.0))
 ]
+#: Second stage of the search, on top of the best seeds (which merge at the
+#: default ``segment.merge_below``): other merge thresholds across weak walls
+#: (core/agglomerate.py; 0 = no merging), kept only when they raise the
+#: validation objective (docs/accuracy.md step 14).
+MERGE_GRID = (0.0, 0.3, 0.4, 0.6)
 #: In voxels of the stack's finest axis (0.3 um on the synthetic stacks, as
 #: before; 1 voxel on the real sample, whose voxel size is unknown).
 CLASSICAL_GRID_VOXELS = {
@@ -305,25 +310,37 @@ def _probabilities(model, info, raw: Volume, tta: bool = False) -> Dict[str, np.
 
 
 def tune_segmentation(model, info, stacks: Sequence[Tuple[Path, Path]],
-                      grid: Sequence[Dict[str, Any]] = SEGMENT_GRID, tta: bool = False
+                      grid: Sequence[Dict[str, Any]] = SEGMENT_GRID, tta: bool = False,
+                      merge_grid: Sequence[float] = MERGE_GRID
                       ) -> Tuple[Dict[str, float], float]:
     """Best ``grid`` point on the validation stacks (objective: mean of AP50 - ARE),
-    on probabilities predicted as the test stacks will be (with or without TTA)."""
+    on probabilities predicted as the test stacks will be (with or without TTA);
+    then each ``merge_grid`` value on top of it, kept where it scores higher."""
     cases = []
     for r, l in stacks:
         raw, gt = read_volume(r), read_labels(l)
         cases.append((gt.data, _probabilities(model, info, raw, tta),
                       raw.voxel_size or info.voxel_size_um or (1.0, 1.0, 1.0)))
-    best, best_score = {}, -np.inf
-    for params in grid:
-        score = 0.0
+
+    def score(params: Dict[str, Any]) -> float:
+        total = 0.0
         for gt, probs, vs in cases:
             labels = cells_from_probabilities(probs.get("cell"), probs.get("boundary"),
                                               tissue_prob=probs.get("tissue"), voxel_size=vs,
                                               params=replace(SegmentParams(), **params))
-            score += _objective(evaluate(gt, labels, components=False).to_dict()) / len(cases)
-        if score > best_score:
-            best, best_score = params, score
+            total += _objective(evaluate(gt, labels, components=False).to_dict()) / len(cases)
+        return total
+
+    best, best_score = {}, -np.inf
+    for params in grid:
+        value = score(params)
+        if value > best_score:
+            best, best_score = params, value
+    seeds = dict(best)
+    for below in merge_grid:
+        value = score({**seeds, "merge_below": below})
+        if value > best_score:
+            best, best_score = {**seeds, "merge_below": below}, value
     return best, float(best_score)
 
 

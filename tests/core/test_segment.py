@@ -109,7 +109,8 @@ def test_tiny_cells_are_given_to_neighbours():
 def test_boundary_only_model_labels_regions_between_boundaries():
     gt = voronoi_tissue()
     _, bp = probabilities_from(gt)
-    pred = cells_from_probabilities(boundary_prob=bp, params=SegmentParams(seed_threshold=0.3))
+    pred = cells_from_probabilities(boundary_prob=bp,
+                                    params=SegmentParams(seed_threshold=0.3, merge_below=0))
     assert n_cells(pred) >= n_cells(gt)
 
 
@@ -230,7 +231,8 @@ def test_tissue_probability_of_another_shape_is_refused():
 
 
 def test_distance_seeds_split_cells_joined_by_a_thick_neck():
-    """Two balls joined by a neck the network saw as interior: distance seeds split them."""
+    """Two balls joined by a neck the network saw as interior: distance seeds split them
+    (no merging across weak walls here: there is no wall at all)."""
     shape = (24, 48, 80)
     zz, yy, xx = np.indices(shape)
     a = (zz - 12) ** 2 + (yy - 24) ** 2 + (xx - 20) ** 2 <= 11 ** 2
@@ -242,7 +244,8 @@ def test_distance_seeds_split_cells_joined_by_a_thick_neck():
     interior = cells_from_probabilities(cell, boundary, **common,
                                         params=SegmentParams(seed_erosion_um=0))
     distance = cells_from_probabilities(cell, boundary, **common,
-                                        params=SegmentParams(seed_method="distance", seed_h_um=1.0))
+                                        params=SegmentParams(seed_method="distance", seed_h_um=1.0,
+                                                              merge_below=0))
     assert n_cells(interior) == 1
     assert n_cells(distance) == 2
     assert len({distance[12, 24, 20], distance[12, 24, 60]}) == 2
@@ -265,7 +268,7 @@ def test_distance_seeds_in_slabs_equal_one_block(monkeypatch):
 def test_cascade_seeds_split_large_cells_and_keep_small_ones():
     """One setting for all sizes: two large cells joined by a bridge are cut by the deep
     erosion, a small cell the deep erosion would erase keeps its seed, and a sliver cut
-    by the stack face keeps its seed too."""
+    by the stack face keeps its seed too (no merging: these cells have no walls)."""
     shape = (24, 60, 120)
     zz, yy, xx = np.indices(shape)
     big_a = (zz - 12) ** 2 + (yy - 30) ** 2 + (xx - 25) ** 2 <= 10 ** 2
@@ -276,7 +279,7 @@ def test_cascade_seeds_split_large_cells_and_keep_small_ones():
     cell = (big_a | big_b | bridge | small | sliver).astype(np.float32)
     boundary = np.zeros(shape, np.float32)
     common = dict(voxel_size=(1, 1, 1), tissue_prob=cell)
-    tiny = dict(min_seed_size_um3=1, min_cell_size_um3=1)
+    tiny = dict(min_seed_size_um3=1, min_cell_size_um3=1, merge_below=0)
     cascade = cells_from_probabilities(cell, boundary, **common,
                                        params=SegmentParams(seed_erosion_um=4, **tiny))
     deep = cells_from_probabilities(cell, boundary, **common,
@@ -367,7 +370,8 @@ def test_working_arrays_on_disk_give_the_same_cells_and_leave_no_files(tmp_path,
 
     gt = voronoi_tissue(shape=(16, 48, 48), n=10, seed=4)
     cp, bp = probabilities_from(gt)
-    params = SegmentParams(seed_method=method, min_cell_size_um3=30.0)
+    params = SegmentParams(seed_method=method, min_cell_size_um3=30.0, seed_erosion_um=2.0,
+                           merge_below=0)
     in_memory = cells_from_probabilities(cp, bp, voxel_size=(1, 1, 1), params=params)
     monkeypatch.setattr(scratch, "SCRATCH_ABOVE_BYTES", 0)
     monkeypatch.setattr(components, "BLOCK_VOXELS", 3 * 48 * 48)  # pieces labelled in slabs
