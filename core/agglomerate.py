@@ -33,17 +33,19 @@ def wall_contacts(labels: np.ndarray, relief_of: ReliefOf, slab_z: int = 64
     labels: ZYX cells (0 = background, ignored); relief_of(np.s_[z0:z1]) gives
     the relief (float, ZYX) of those slices, e.g. the watershed's relief. A
     voxel pair's relief is the mean of its two voxels'. Read slab by slab
-    (``slab_z`` slices plus one), so memory stays bounded on large stacks.
+    (``slab_z`` slices plus one) and summed per slab, so memory stays bounded
+    on large stacks.
     Returns (a, b, relief_sum, n_pairs), one entry per touching pair.
     """
     n_z = labels.shape[0]
     n = int(labels.max()) + 1 if labels.size else 1
-    keys, sums = [], []
+    parts = []  # per slab: (pair keys, relief sums, pair counts), reduced at once
     for z0 in range(0, n_z, slab_z):
         z1 = min(n_z, z0 + slab_z)
         z2 = min(n_z, z1 + 1)  # one slice more: the Z pairs across the slab's end
         lab = np.asarray(labels[z0:z2])
         rel = np.asarray(relief_of(np.s_[z0:z2]), dtype=np.float32)
+        keys, sums = [], []
         for axis in range(3):
             part = slice(None) if axis == 0 else slice(0, z1 - z0)
             l_ax, r_ax = lab[part], rel[part]
@@ -61,12 +63,16 @@ def wall_contacts(labels: np.ndarray, relief_of: ReliefOf, slab_z: int = 64
             keys.append(np.minimum(x, y) * n + np.maximum(x, y))
             sums.append(0.5 * (r_ax[tuple(lo)][wall] + r_ax[tuple(hi)][wall]))
         release_pages(labels)
-    if not keys:
+        if keys:
+            key, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+            parts.append((key, np.bincount(inverse, weights=np.concatenate(sums)),
+                          np.bincount(inverse)))
+    if not parts:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0), empty
-    key, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-    relief_sum = np.bincount(inverse, weights=np.concatenate(sums))
-    n_pairs = np.bincount(inverse)
+    key, inverse = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+    relief_sum = np.bincount(inverse, weights=np.concatenate([p[1] for p in parts]))
+    n_pairs = np.bincount(inverse, weights=np.concatenate([p[2] for p in parts])).astype(np.int64)
     return key // n, key % n, relief_sum, n_pairs
 
 

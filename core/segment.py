@@ -564,7 +564,9 @@ def cells_from_probabilities(
 
 def _merge_weak_walls(labels, cp, bp, below: float, slab_z: int, work_dir) -> np.ndarray:
     """Cells merged across walls whose mean relief is below ``below``, ids 1..n again."""
-    lut = merge_weak_walls(labels, lambda index: _elevation(cp, bp, index), below, slab_z)
+    plane = labels.shape[1] * labels.shape[2]
+    step = max(1, min(int(slab_z), SLAB_VOXELS // max(1, plane)))  # as the watershed's blocks
+    lut = merge_weak_walls(labels, lambda index: _elevation(cp, bp, index), below, step)
     if np.array_equal(lut, np.arange(len(lut))):
         return labels
     for z0, z1, _, _ in _slabs(labels.shape[0], labels.shape[1] * labels.shape[2],
