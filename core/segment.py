@@ -150,6 +150,32 @@ def ball_um(radius_um: float, voxel_size: Sequence[float]) -> Optional[np.ndarra
     return np.asarray(dist <= 1.0)
 
 
+#: Footprints with more elements than this erode faster by a distance transform
+#: (:func:`erode_ball`) than by ``binary_erosion``, whose cost grows with them
+#: (3 um at 1 x 0.3 x 0.3 um voxels: about 1,600 elements).
+EDT_ABOVE_FOOTPRINT = 500
+
+
+def erode_ball(mask: np.ndarray, radius_um: float, voxel_size: Sequence[float]) -> np.ndarray:
+    """``binary_erosion(mask, ball_um(radius_um, voxel_size), border_value=1)``, from
+    one distance transform: its cost does not grow with the radius.
+
+    A voxel stays when no False voxel lies inside the ellipsoid of
+    :func:`ball_um` around it (axes of zero radius: the same line only); the
+    stack's faces do not erode. Voxels exactly on the ellipsoid's surface may
+    differ from the footprint's rounding (rarely: an integer point on it).
+    """
+    radii = [int(np.floor(radius_um / float(v) + 1e-6)) for v in voxel_size]
+    if max(radii) == 0:
+        return np.asarray(mask, bool).copy()
+    if mask.all():
+        return np.ones(mask.shape, bool)
+    # in units of the ellipsoid's radii; an axis of radius 0 is "infinitely" long
+    sampling = [1.0 / r if r > 0 else 1e6 for r in radii]
+    distance = ndi.distance_transform_edt(mask, sampling=sampling)
+    return distance > 1.0 + 1e-9
+
+
 class _Prob:
     """A probability map kept in its stored dtype (uint8 0..255 or float in [0, 1]).
 
@@ -345,8 +371,9 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
     """
     vs = tuple(float(v) for v in voxel_size)
     voxel_um3 = float(np.prod(vs))
-    footprints = [fp for fp in (ball_um(e, vs) for e in cascade_levels(max_erosion_um)[1:])
-                  if fp is not None]
+    levels = [(e, fp) for e, fp in ((e, ball_um(e, vs)) for e in cascade_levels(max_erosion_um)[1:])
+              if fp is not None]
+    footprints = [fp for _, fp in levels]
     radius = [max([fp.shape[a] // 2 for fp in footprints] + [0]) for a in range(3)]
     pieces, n = label_components(interior, work_dir)
     release_pages(interior)
@@ -373,10 +400,12 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
         # an erosion wider than the piece (away from the stack's faces) leaves nothing
         inside_faces = [s.start > 0 and s.stop < n_ax for s, n_ax in zip(sl, interior.shape)]
         extent = [s.stop - s.start for s in sl]
-        for fp in reversed(footprints):
+        for level_um, fp in reversed(levels):
             if any(f and e < fs for f, e, fs in zip(inside_faces, extent, fp.shape)):
                 continue
-            eroded = ndi.binary_erosion(padded, structure=fp, border_value=1)
+            # the same result; a distance transform is cheaper for large footprints
+            eroded = (erode_ball(padded, level_um, vs) if fp.sum() > EDT_ABOVE_FOOTPRINT
+                      else ndi.binary_erosion(padded, structure=fp, border_value=1))
             comp, m = label_components(eroded, work_dir)
             del eroded
             if m == 0:

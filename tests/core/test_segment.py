@@ -408,3 +408,21 @@ def test_the_cell_channel_corrects_a_boundary_channel_unsure_where_the_wall_is()
     row = labels[2, 4]
     assert len(np.unique(labels)) == 2 and row[0] != row[39]
     assert (row[:20] == row[0]).all() and (row[20:] == row[39]).all()
+
+
+@pytest.mark.parametrize("voxel_size", [(1.0, 0.3, 0.3), (0.8, 0.25, 0.25), (1.0, 1.0, 1.0)])
+def test_the_distance_transform_erodes_exactly_like_the_footprint(voxel_size):
+    """erode_ball (one distance transform, for large radii) and binary_erosion with
+    ball_um's footprint keep the same voxels, the stack's faces not eroding."""
+    from core.segment import erode_ball
+
+    rng = np.random.default_rng(5)
+    for trial in range(6):
+        mask = ndi.gaussian_filter(rng.random((14, 40, 40)), 2) > 0.5 - 0.02 * trial
+        for radius in (0.6, 1.0, 2.0, 3.0):
+            footprint = ball_um(radius, voxel_size)
+            if footprint is None:  # under half a voxel: the cascade skips the level
+                continue
+            want = ndi.binary_erosion(mask, structure=footprint, border_value=1)
+            np.testing.assert_array_equal(erode_ball(mask, radius, voxel_size), want)
+    assert erode_ball(np.ones((3, 4, 5), bool), 3.0, voxel_size).all()
