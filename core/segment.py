@@ -152,8 +152,11 @@ def ball_um(radius_um: float, voxel_size: Sequence[float]) -> Optional[np.ndarra
 
 #: Footprints with more elements than this erode faster by a distance transform
 #: (:func:`erode_ball`) than by ``binary_erosion``, whose cost grows with them
-#: (3 um at 1 x 0.3 x 0.3 um voxels: about 1,600 elements).
+#: (3 um at 1 x 0.3 x 0.3 um voxels: 1,227 elements)...
 EDT_ABOVE_FOOTPRINT = 500
+#: ...in boxes up to this many voxels: the transform holds about 20 bytes per
+#: voxel (distances and nearest-voxel indices), the erosion 1.
+EDT_MAX_VOXELS = 16 * 1024 * 1024
 
 
 def erode_ball(mask: np.ndarray, radius_um: float, voxel_size: Sequence[float]) -> np.ndarray:
@@ -404,7 +407,8 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
             if any(f and e < fs for f, e, fs in zip(inside_faces, extent, fp.shape)):
                 continue
             # the same result; a distance transform is cheaper for large footprints
-            eroded = (erode_ball(padded, level_um, vs) if fp.sum() > EDT_ABOVE_FOOTPRINT
+            eroded = (erode_ball(padded, level_um, vs)
+                      if fp.sum() > EDT_ABOVE_FOOTPRINT and padded.size <= EDT_MAX_VOXELS
                       else ndi.binary_erosion(padded, structure=fp, border_value=1))
             comp, m = label_components(eroded, work_dir)
             del eroded
@@ -585,7 +589,7 @@ def cells_from_probabilities(
     if tp is not None and params.min_cell_tissue > 0:
         drop = doubtful_patches(labels, tp, params.min_cell_tissue, counts)
     labels = _consecutive(labels, work_dir, drop=drop, counts=counts)
-    # 4. optionally merge cells across walls the network hardly sees
+    # 4. merge cells across walls the network hardly sees (merge_below > 0)
     if params.merge_below > 0:
         labels = _merge_weak_walls(labels, cp, bp, params.merge_below, params.slab_z, work_dir)
     return labels
