@@ -602,8 +602,7 @@ def _merge_weak_walls(labels, cp, bp, below: float, slab_z: int, work_dir) -> np
     lut = merge_weak_walls(labels, lambda index: _elevation(cp, bp, index), below, step)
     if np.array_equal(lut, np.arange(len(lut))):
         return labels
-    for z0, z1, _, _ in _slabs(labels.shape[0], labels.shape[1] * labels.shape[2],
-                               labels.shape[0], 0):
+    for z0, z1, _, _ in _slabs(labels.shape[0], plane, labels.shape[0], 0):
         labels[z0:z1] = lut[labels[z0:z1]]
         release_pages(labels)
     return _consecutive(labels, work_dir)
