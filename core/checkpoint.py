@@ -31,7 +31,7 @@ history                   per epoch {"epoch", "iterations", "lr", "seconds", ...
 elapsed_s                 training seconds spent so far (all sessions)
 config                    the training config (plain dict, :class:`core.train.TrainConfig`)
 model_config              :meth:`core.model.ModelConfig.to_dict`
-target                    "cells_with_gaps" | "boundaries" | "both" | "all"
+target                    "cells_with_gaps" | "boundaries" | "both" | "all" | "all_walls"
 channels                  output channel names, e.g. ["cell", "boundary"]
 normalisation             {"mode": "zscore", "mask": "all"} or {"mode": "percentile",
                           "low": 1, "high": 99.8, "clip": false} or {"mode": "none"}

@@ -49,7 +49,18 @@ import torch
 from core.errors import ConfigError, VolumeDataError
 
 Triple = Tuple[int, int, int]
-TARGETS = ("cells_with_gaps", "boundaries", "both", "all")
+TARGETS = ("cells_with_gaps", "boundaries", "both", "all", "all_walls")
+#: Per-axis wall bands (:func:`core.preprocess.axis_wall_target`), axis 0, 1, 2.
+WALL_TARGETS = ("wall_z", "wall_y", "wall_x")
+
+
+def wall_yx_channels(target: str) -> Optional[Tuple[int, int]]:
+    """Channels of the Y and X wall bands of ``target`` (swapped by a 90-degree
+    YX rotation), or None when it has none."""
+    names = target_names(target)
+    if "wall_y" in names:
+        return names.index("wall_y"), names.index("wall_x")
+    return None
 
 
 def target_names(target: str) -> Tuple[str, ...]:
@@ -62,6 +73,8 @@ def target_names(target: str) -> Tuple[str, ...]:
         return ("cells_with_gaps", "boundaries")
     if target == "all":
         return ("cells_with_gaps", "boundaries", "tissue")
+    if target == "all_walls":
+        return ("cells_with_gaps", "boundaries", "tissue") + WALL_TARGETS
     raise ConfigError(f"target = {target!r} is unknown: use one of {', '.join(TARGETS)}.")
 
 
@@ -189,6 +202,8 @@ def _make_target(name: str, labels: np.ndarray, tc: Any) -> np.ndarray:
         return pp.cells_with_gaps_target(labels, connectivity=tc.connectivity, mode=tc.mode)
     if name == "tissue":
         return pp.tissue_target(labels)
+    if name in WALL_TARGETS:
+        return pp.axis_wall_target(labels, WALL_TARGETS.index(name))
     return pp.boundary_target(labels, connectivity=tc.boundary_connectivity,
                               mode=tc.boundary_mode, include_background=tc.boundary_background,
                               sigma=tc.boundary_sigma, blur=tc.boundary_blur)
@@ -261,7 +276,8 @@ def load_pair(
                               normalisation=normalisation or pp.NormalisationConfig(),
                               targets=targets)
     res = pp.preprocess_volume(raw, lab, cfg, progress=progress, cancel=cancel)
-    tgts = [pp.tissue_target(res.labels) if n == "tissue" else getattr(res, n) for n in need]
+    tgts = [getattr(res, n) if n in ("cells_with_gaps", "boundaries")
+            else _make_target(n, res.labels, tc) for n in need]
     warnings = list(res.warnings)
     if voxel_size_um is not None and vs is None:
         warnings.append(f"{raw_spec}: the file records no voxel size; assumed to be the "
@@ -517,11 +533,13 @@ class PatchSampler:
     foreground_probability : share of patches centred (with jitter) on a
         random cell voxel; the rest are placed uniformly at random.
     rotate90 : random multiples of 90 degrees in the YX plane.
+    swap_on_rotate : target channels (y, x) that trade places when a rotation
+        turns Y into X (the per-axis wall bands), or None.
     """
 
     def __init__(self, volumes: Sequence[TrainVolume], patch_size: Sequence[int], *,
                  rng: np.random.Generator, foreground_probability: float = 0.9,
-                 rotate90: bool = True):
+                 rotate90: bool = True, swap_on_rotate: Optional[Tuple[int, int]] = None):
         if not volumes:
             raise ConfigError("No training volumes: give at least one raw + labels pair.")
         if not 0.0 <= foreground_probability <= 1.0:
@@ -531,6 +549,7 @@ class PatchSampler:
         self.rng = rng
         self.foreground_probability = float(foreground_probability)
         self.rotate90 = bool(rotate90)
+        self.swap_on_rotate = swap_on_rotate
 
     def _start(self, vol: TrainVolume, size: Sequence[int], centred: bool) -> List[int]:
         shape = vol.shape
@@ -563,6 +582,11 @@ class PatchSampler:
         if k:
             img = np.rot90(img, k, axes=(2, 3))
             tgt = np.rot90(tgt, k, axes=(2, 3))
+            if k % 2 and self.swap_on_rotate is not None:
+                order = list(range(tgt.shape[0]))
+                iy, ix = self.swap_on_rotate
+                order[iy], order[ix] = ix, iy
+                tgt = tgt[order]
             w = None if w is None else np.rot90(w, k, axes=(2, 3))
         img = np.ascontiguousarray(img, dtype=np.float32)
         tgt = np.ascontiguousarray(tgt, dtype=np.float32)
@@ -755,4 +779,5 @@ __all__ = [
     "TrainVolume", "Batch", "PatchSampler", "Augmenter", "AugmentConfig", "LEVELS",
     "load_pair", "load_h5", "volume_from_arrays", "auto_patch_size", "check_patch_size",
     "activation_bytes_per_voxel", "validation_patches", "foreground_indices", "target_names",
+    "wall_yx_channels",
 ]

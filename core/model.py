@@ -39,6 +39,8 @@ TARGET_CHANNELS: Dict[str, Tuple[str, ...]] = {
     "boundaries": ("boundary",),
     "both": ("cell", "boundary"),
     "all": ("cell", "boundary", "tissue"),
+    # plus one wall band per axis: where along Z, Y or X the label changes
+    "all_walls": ("cell", "boundary", "tissue", "wall_z", "wall_y", "wall_x"),
 }
 NORMS = ("group", "batch", "instance", "none")
 UPSAMPLINGS = ("transposed", "trilinear")
@@ -59,7 +61,7 @@ def target_channels(target: str) -> Tuple[str, ...]:
 
 
 def out_channels_for_target(target: str) -> int:
-    """Number of output channels the network needs for ``target`` (1 to 3)."""
+    """Number of output channels the network needs for ``target`` (1 to 6)."""
     return len(target_channels(target))
 
 
@@ -83,7 +85,8 @@ class ModelConfig:
     in_channels: image channels (1 for a membrane stain).
     target: training target, decides the output channels
         ("cells_with_gaps": 1, "boundaries": 1, "both": 2 = cell, boundary,
-        "all": 3 = cell, boundary, tissue).
+        "all": 3 = cell, boundary, tissue; "all_walls": 6 = those and a
+        wall band per axis, wall_z, wall_y, wall_x).
     out_channels: None = follow ``target``; if given it must agree with it.
     base_features: feature maps at the first level (doubled at each level down).
     max_features: cap on the feature maps of deep levels (None: no cap).
@@ -103,11 +106,12 @@ class ModelConfig:
     """
 
     in_channels: int = field(default=1, metadata={"min": 1, "help": "Image channels (1 for a membrane stain)."})
-    target: Literal["cells_with_gaps", "boundaries", "both", "all"] = field(
+    target: Literal["cells_with_gaps", "boundaries", "both", "all", "all_walls"] = field(
         default="cells_with_gaps",
         metadata={"help": "What the network predicts: cells with gaps (1 channel), "
                           "boundaries (1 channel), both (2 channels: cell, boundary) or "
-                          "all (3 channels: cell, boundary, tissue)."},
+                          "all (3 channels: cell, boundary, tissue); all_walls adds a "
+                          "wall band per axis (6 channels)."},
     )
     out_channels: Optional[int] = field(
         default=None, metadata={"help": "Output channels; leave empty to follow the target."}

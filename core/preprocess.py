@@ -460,6 +460,28 @@ def boundary_target(labels: np.ndarray, *, connectivity: int = 2, mode: str = "t
     return np.maximum(smooth, bnd, out=smooth)
 
 
+def axis_wall_target(labels: np.ndarray, axis: int) -> np.ndarray:
+    """Voxels whose neighbour along ``axis`` (0 = Z, 1 = Y, 2 = X), before or
+    after, is another cell: uint8 ZYX {0, 1}.
+
+    Across a wall that meets the axis, exactly the voxel pair on either side is
+    marked, so the band says between which two voxels the wall lies (unlike
+    :func:`boundary_target`, whose diagonal neighbours widen it to ~3 voxels on
+    tilted walls). Borders with the background (label 0) are not walls.
+    """
+    lab = np.asarray(labels)
+    out = np.zeros(lab.shape, np.uint8)
+    lo = [slice(None)] * lab.ndim
+    hi = [slice(None)] * lab.ndim
+    lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+    lo, hi = tuple(lo), tuple(hi)
+    a, b = lab[lo], lab[hi]
+    wall = (a != b) & (a != 0) & (b != 0)
+    out[lo] |= wall
+    out[hi] |= wall
+    return out
+
+
 # -------------------------------------------------------------------------- checks
 @dataclass
 class CellCountReport:

@@ -68,7 +68,8 @@ import torch
 from core import __version__
 from core.config import FieldProblem, from_dict, load_yaml, to_dict
 from core.data import (AugmentConfig, Augmenter, PatchSampler, TrainVolume, auto_patch_size,
-                       check_patch_size, load_h5, load_pair, target_names, validation_patches)
+                       check_patch_size, load_h5, load_pair, target_names, validation_patches,
+                       wall_yx_channels)
 from core.ema import WeightAverage
 from core.errors import ConfigError, EpiSegError, JobCancelled, ModelFileError
 from core.jobs import CancelFlag, ProgressEvent, ProgressFn, is_cancelled
@@ -214,7 +215,7 @@ class TrainConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
-    target: Optional[Literal["cells_with_gaps", "boundaries", "both", "all"]] = field(default=None, metadata={
+    target: Optional[Literal["cells_with_gaps", "boundaries", "both", "all", "all_walls"]] = field(default=None, metadata={
         "help": "What the network predicts: cells_with_gaps, boundaries, both, or all "
                 "(both + the tissue mask, which gives exact cell outlines at the tissue surface) "
                 f"(empty = {DEFAULT_TARGET}, or the --init model's)."})
@@ -663,7 +664,8 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         model_cfg = preset_config(ms.preset, target=target,
                                   voxel_size_um=voxel_size if ms.anisotropic else None, **over)
         model = build_model(model_cfg)
-    channel_of = {"cells_with_gaps": "cell", "boundaries": "boundary", "tissue": "tissue"}
+    channel_of = {"cells_with_gaps": "cell", "boundaries": "boundary", "tissue": "tissue",
+                  "wall_z": "wall_z", "wall_y": "wall_y", "wall_x": "wall_x"}
     if tuple(model_cfg.channel_names) != tuple(channel_of[n] for n in target_names(target)):
         raise ConfigError(f"The model's outputs {model_cfg.channel_names} do not match the "
                           f"target '{target}'.")
@@ -687,7 +689,8 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
     augmenter = Augmenter(cfg.augment)
     sampler = PatchSampler(train_vols, patch, rng=np_rng,
                            foreground_probability=cfg.foreground_probability,
-                           rotate90=augmenter.rotate90)
+                           rotate90=augmenter.rotate90,
+                           swap_on_rotate=wall_yx_channels(target))
     val_batches = validation_patches(val_vols, patch, divisor=divisor,
                                      per_volume=cfg.validation.patches_per_volume,
                                      seed=seed, foreground_probability=cfg.foreground_probability)
@@ -831,7 +834,7 @@ class _Context:
     def validate(self, want_metrics: bool) -> Tuple[float, Dict[str, Any]]:
         from core.metrics import evaluate
         from core.predict import predict_probabilities
-        from core.segment import cells_from_probabilities
+        from core.segment import WALL_CHANNELS, cells_from_probabilities
 
         t0 = time.monotonic()
         net = self.kept
@@ -853,8 +856,10 @@ class _Context:
                 prob = predict_probabilities(net, vol.image, device=self.device,
                                              amp=self.use_amp, out_dtype=np.float32)
                 ch = {n: prob[i] for i, n in enumerate(names)}
+                walls = [ch[n] for n in WALL_CHANNELS] if WALL_CHANNELS[0] in ch else None
                 cells = cells_from_probabilities(
                     ch.get("cell"), ch.get("boundary"), tissue_prob=ch.get("tissue"),
+                    wall_probs=walls,
                     voxel_size=self.voxel_size or (1.0, 1.0, 1.0),
                     params=self.cfg.validation.segment)
                 per.append(evaluate(vol.labels, cells).to_dict())

@@ -51,7 +51,7 @@ def register(sub) -> None:
                    help="fine-tune this model (its architecture, target and normalisation)")
     p.add_argument("--preset", choices=["small", "standard"],
                    help="network size: small (fast on CPUs, default) or standard")
-    p.add_argument("--target", choices=["cells_with_gaps", "boundaries", "both", "all"],
+    p.add_argument("--target", choices=["cells_with_gaps", "boundaries", "both", "all", "all_walls"],
                    help="what the network predicts: cells with gaps, boundaries, both, or all "
                         "(both + tissue mask); default: see resources/configs/train.yaml")
     p.add_argument("--loss", choices=["dice", "bce", "weighted_bce", "bce_dice"],

@@ -10,7 +10,8 @@ import torch
 
 from core.data import (CPU_MAX_PATCH_VOXELS, PATCH_MAX_SHARE, AugmentConfig, Augmenter, Batch,
                        PatchSampler, auto_patch_size, check_patch_size, load_pair,
-                       validation_patches, volume_from_arrays)
+                       validation_patches, volume_from_arrays,
+                       wall_yx_channels)
 from core.errors import ConfigError
 from core.model import preset_config, required_divisor
 from core.volume import Volume
@@ -61,6 +62,29 @@ def test_rotations_keep_image_and_target_aligned_for_non_square_patches():
         turns.append(_quarter_turns(image, img[0]))
     assert None not in turns           # every patch is a rotated crop of the volume
     assert {1, 3} & set(turns) and {0, 2} & set(turns)
+
+
+def test_rotations_trade_the_y_and_x_wall_bands():
+    labels = np.zeros((6, 24, 24), np.uint8)
+    labels[1:5, 2:22, 4:12] = 1
+    labels[1:5, 2:22, 12:20] = 2       # one wall, across X; the tissue is taller than wide
+    vol = volume_from_arrays(labels.astype(np.float32), labels, target="all_walls",
+                             normalised=True)
+    names = ("cells_with_gaps", "boundaries", "tissue", "wall_z", "wall_y", "wall_x")
+    assert vol.targets.shape[0] == len(names)
+    sampler = PatchSampler([vol], (6, 24, 24), rng=np.random.default_rng(0),
+                           swap_on_rotate=wall_yx_channels("all_walls"))
+    seen = set()
+    for _ in range(20):
+        img, tgt, _, _ = sampler.sample()
+        where = np.argwhere(img[0] > 0)
+        turned = np.ptp(where[:, 1]) < np.ptp(where[:, 2])
+        wall_y, wall_x = tgt[4] > 0.5, tgt[5] > 0.5
+        # the wall runs along Y in the stack; turned patches show it along X
+        # and its band must then be the Y band
+        assert (wall_y.any(), wall_x.any()) == ((True, False) if turned else (False, True))
+        seen.add(bool(turned))
+    assert seen == {True, False}
 
 
 def _quarter_turns(volume, patch):

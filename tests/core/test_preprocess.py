@@ -16,7 +16,7 @@ import yaml
 
 from core.config import from_dict
 from core.errors import ConfigError, JobCancelled, VolumeDataError
-from core.preprocess import (PreprocessConfig, boundary_target, cells_with_gaps_target,
+from core.preprocess import (PreprocessConfig, axis_wall_target, boundary_target, cells_with_gaps_target,
                              check_cell_counts, normalise, percentile_normalise,
                              preprocess_volume, read_preprocessed, resample_image,
                              resample_labels, write_preprocessed, zscore)
@@ -83,6 +83,21 @@ def test_boundary_target_is_exactly_around_interfaces():
     assert np.all(soft[expected] == 1.0) and 0 < soft[5, 5, 7] < 1
     hard = boundary_target(lab, sigma=1.0, blur="threshold")
     assert hard.dtype == np.uint8 and hard[5, 5, 9] == 1 and hard[5, 5, 5] == 0
+
+
+def test_wall_bands_mark_the_voxel_pair_across_each_wall_along_their_axis():
+    lab = two_cubes()
+    lab[5:8, 2:10, 2:10] = 3          # a wall across Z inside the first cube
+    wx, wy, wz = (axis_wall_target(lab, a) for a in (2, 1, 0))
+    assert wx.dtype == np.uint8
+    # the X band is exactly the pair x = 9, 10 (both cubes' layers touch there)
+    zs, ys, xs = np.nonzero(wx)
+    assert set(xs) == {9, 10} and wx[3, 5, 9] == wx[3, 5, 10] == 1 and wx[3, 5, 8] == 0
+    # the Z band is the pair z = 4, 5 inside the first cube only; Y has no cell-cell wall
+    assert set(np.nonzero(wz)[0]) == {4, 5} and not wz[:, :, 10:].any()
+    assert not wy.any()
+    # borders with the background are not walls
+    assert wx[5, 5, 2] == 0 and wz[2, 5, 5] == 0
 
 
 def test_count_check_reports_lost_merged_and_split_ground_truth():
