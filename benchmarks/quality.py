@@ -63,7 +63,7 @@ from core.flags import (cell_flags, face_sliver_merges, flag_precision,  # noqa:
 from core.io import read_labels, read_volume, write_volume  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.pipeline import PredictConfig, segment_stack  # noqa: E402
-from core.segment import SegmentParams, cells_from_probabilities  # noqa: E402
+from core.segment import WALL_CHANNELS, SegmentParams, cells_from_probabilities  # noqa: E402
 from core.synth import SynthParams, write_synthetic_dataset  # noqa: E402
 from core.train import TrainConfig, train  # noqa: E402
 from core.volume import Volume  # noqa: E402
@@ -97,6 +97,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "all_bconn1": {"target": "all", "data": {"targets": {"boundary_connectivity": 1}}},
     "all_conn1": {"target": "all", "data": {"targets": {"boundary_connectivity": 1,
                                                         "connectivity": 1}}},
+    # a wall band per axis as three more outputs (step 15): says between which
+    # two voxels each wall lies
+    "all_walls": {"target": "all_walls"},
     "robust": {"data": {"normalisation": {"mode": "robust"}}},
     "ema": {"ema_decay": 0.99},
     "no_ema": {"ema_decay": 0.0},
@@ -325,8 +328,10 @@ def tune_segmentation(model, info, stacks: Sequence[Tuple[Path, Path]],
     def score(params: Dict[str, Any]) -> float:
         total = 0.0
         for gt, probs, vs in cases:
+            walls = [probs[n] for n in WALL_CHANNELS] if WALL_CHANNELS[0] in probs else None
             labels = cells_from_probabilities(probs.get("cell"), probs.get("boundary"),
-                                              tissue_prob=probs.get("tissue"), voxel_size=vs,
+                                              tissue_prob=probs.get("tissue"), wall_probs=walls,
+                                              voxel_size=vs,
                                               params=replace(SegmentParams(), **params))
             total += _objective(evaluate(gt, labels, components=False).to_dict()) / len(cases)
         return total

@@ -48,6 +48,7 @@ from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages, scratch_array
 from core.volume import label_counts, label_dtype
+from core.walls import regrow_at_walls
 
 
 @dataclass
@@ -95,6 +96,9 @@ class SegmentParams:
         are merged, weakest wall first (:mod:`core.agglomerate`). This rejoins
         a cell that the seeds cut apart where its stain is faint or that the
         deepest erosion split. 0: off.
+    wall_core_um: with per-axis wall bands (models trained on ``all_walls``),
+        the voxels within this distance (um) of another cell are given again to
+        the cell reached across the weakest wall (:mod:`core.walls`); 0: off.
     slab_z: at most this many Z slices per watershed block (blocks are also
         capped at SLAB_VOXELS voxels, so memory stays bounded on any stack).
     """
@@ -111,6 +115,7 @@ class SegmentParams:
     min_cell_size_um3: float = 20.0
     min_cell_tissue: float = 0.85
     merge_below: float = 0.5
+    wall_core_um: float = 0.6
     slab_z: int = 64
 
     def validate(self) -> None:
@@ -124,7 +129,7 @@ class SegmentParams:
             raise ConfigError(f"segment.seed_method = {self.seed_method!r}: use cascade, interior "
                               "or distance.")
         for key in ("seed_erosion_um", "seed_h_um", "gap_closing_vox", "min_seed_size_um3",
-                    "min_cell_size_um3"):
+                    "min_cell_size_um3", "wall_core_um"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"segment.{key} = {getattr(self, key)}: must be >= 0.")
         if not 0.0 <= self.min_cell_tissue < 1.0:
@@ -177,6 +182,10 @@ def erode_ball(mask: np.ndarray, radius_um: float, voxel_size: Sequence[float]) 
     sampling = [1.0 / r if r > 0 else 1e6 for r in radii]
     distance = ndi.distance_transform_edt(mask, sampling=sampling)
     return distance > 1.0 + 1e-9
+
+
+#: Output channels of the per-axis wall bands (target ``all_walls``), Z, Y, X.
+WALL_CHANNELS = ("wall_z", "wall_y", "wall_x")
 
 
 class _Prob:
@@ -469,6 +478,7 @@ def cells_from_probabilities(
     boundary_prob: Optional[np.ndarray] = None,
     *,
     tissue_prob: Optional[np.ndarray] = None,
+    wall_probs: Optional[Sequence[np.ndarray]] = None,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     params: Optional[SegmentParams] = None,
     work_dir=None,
@@ -483,6 +493,9 @@ def cells_from_probabilities(
     boundary_prob : probability of "on a cell boundary", or None.
     tissue_prob : probability of "inside any cell" (no gaps), or None; when
         given it is the tissue mask, otherwise the mask comes from cell_prob.
+    wall_probs : the wall bands along Z, Y and X (target ``all_walls``), or
+        None; when given, the voxels next to each interface are re-grown across
+        them (``params.wall_core_um``, :mod:`core.walls`).
     voxel_size : (z, y, x) in micrometres, used for every size and radius.
     params : :class:`SegmentParams`; defaults when None.
     work_dir : folder for the stack-sized working arrays of a large stack
@@ -500,8 +513,15 @@ def cells_from_probabilities(
     cp = _Prob(cell_prob, "cell_prob") if cell_prob is not None else None
     bp = _Prob(boundary_prob, "boundary_prob") if boundary_prob is not None else None
     tp = _Prob(tissue_prob, "tissue_prob") if tissue_prob is not None else None
+    wp = None
+    if wall_probs is not None:
+        if len(wall_probs) != 3:
+            raise VolumeDataError(f"wall_probs needs the Z, Y and X wall bands, got "
+                                  f"{len(wall_probs)} arrays.")
+        wp = [_Prob(w, f"wall_probs[{axis}]") for axis, w in enumerate(wall_probs)]
     shapes = {name: p.a.shape for name, p in (("cell_prob", cp), ("boundary_prob", bp),
                                                  ("tissue_prob", tp)) if p is not None}
+    shapes.update({f"wall_probs[{axis}]": p.a.shape for axis, p in enumerate(wp or ())})
     if len(set(shapes.values())) > 1:
         raise VolumeDataError(
             "The probability maps must have the same shape: "
@@ -592,6 +612,15 @@ def cells_from_probabilities(
     # 4. merge cells across walls the network hardly sees (merge_below > 0)
     if params.merge_below > 0:
         labels = _merge_weak_walls(labels, cp, bp, params.merge_below, params.slab_z, work_dir)
+    # 5. with wall bands: re-grow the voxels next to each interface across them
+    if wp is not None and params.wall_core_um > 0:
+        def release_walls() -> None:
+            for p in wp:
+                p.release()
+
+        labels = regrow_at_walls(labels, lambda axis, index: wp[axis].f32(index),
+                                 voxel_size=voxel_size, core_um=params.wall_core_um,
+                                 slab_z=params.slab_z, work_dir=work_dir, release=release_walls)
     return labels
 
 

@@ -260,6 +260,24 @@ def test_other_targets_losses_and_preprocessed_inputs(stacks, tmp_path):
     assert np.isfinite(result.train_losses[0]) and result.valid_metrics[0]  # held-out part
 
 
+def test_a_wall_band_model_trains_and_predicts_cells(stacks, tmp_path):
+    """Target all_walls: six outputs, and `episeg predict`'s path re-grows the walls."""
+    from core.config import from_dict as conf
+    from core.io import read_volume
+    from core.pipeline import PredictConfig, segment_stack
+
+    cfg = from_dict(TrainConfig, {**to_dict(config(stacks)), "epochs": 1,
+                                  "iterations_per_epoch": 2, "target": "all_walls"})
+    train(cfg, tmp_path / "walls.pt")
+    data = load_model_file(tmp_path / "walls.pt")
+    assert data["channels"] == ["cell", "boundary", "tissue", "wall_z", "wall_y", "wall_x"]
+    model, info = load_model_for_inference(tmp_path / "walls.pt", "cpu")
+    raw = read_volume(stacks["test"][0])
+    res = segment_stack(raw, model, info, config=conf(PredictConfig, {"save_probabilities": True}))
+    assert res.channels == tuple(data["channels"]) and len(res.probabilities) == 6
+    assert res.labels.data.shape == raw.data.shape
+
+
 def test_a_robust_normalised_model_normalises_new_stacks_the_same_way(stacks, tmp_path):
     from core.io import read_volume
     from core.pipeline import normalised_view
