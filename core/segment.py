@@ -98,7 +98,10 @@ class SegmentParams:
         deepest erosion split. 0: off.
     wall_core_um: with per-axis wall bands (models trained on ``all_walls``),
         the voxels within this distance (um) of another cell are given again to
-        the cell reached across the weakest wall (:mod:`core.walls`); 0: off.
+        the cell reached across the weakest wall (:mod:`core.walls`); 0: off,
+        the default: the 15-minute models' bands do not find the voxel pair of a
+        wall better than chance in Y and X, and re-growing moved ARE by
+        +0.0001 to +0.0004 on two development sets (docs/accuracy.md step 15).
     slab_z: at most this many Z slices per watershed block (blocks are also
         capped at SLAB_VOXELS voxels, so memory stays bounded on any stack).
     """
@@ -115,7 +118,7 @@ class SegmentParams:
     min_cell_size_um3: float = 20.0
     min_cell_tissue: float = 0.85
     merge_below: float = 0.5
-    wall_core_um: float = 0.6
+    wall_core_um: float = 0.0
     slab_z: int = 64
 
     def validate(self) -> None:

@@ -22,7 +22,7 @@ from core.config import apply_overrides
 from core.errors import EpiSegError
 from core.jobs import ProgressEvent
 from core.resources import default_model
-from core.train import TrainConfig, train
+from core.train import DEFAULT_TARGET, TrainConfig, train
 
 
 class TrainTab(QWidget):
@@ -42,7 +42,9 @@ class TrainTab(QWidget):
         self.preset.addItems(["small", "standard"])
         self.preset.setToolTip("small: fast on a CPU; standard: 4 levels, 32 features (GPU)")
         self.target = QComboBox()
-        self.target.addItems(["all", "both", "cells_with_gaps", "boundaries"])
+        self.target.addItems(["all_walls", "all", "both", "cells_with_gaps", "boundaries"])
+        self.target.setToolTip("all_walls (default): cells, walls, tissue and a wall band per "
+                               "axis; all: without the bands; both: cells and walls")
         self.loss = QComboBox()
         self.loss.addItems(["bce_dice", "dice", "bce", "weighted_bce"])
         self.augment = QComboBox()
@@ -131,7 +133,7 @@ class TrainTab(QWidget):
         self.train_data.set_sources(cfg.data.train)
         self.val_data.set_sources(cfg.data.val)
         self.preset.setCurrentText(cfg.model.preset)
-        self.target.setCurrentText(cfg.target or "all")
+        self.target.setCurrentText(cfg.target or DEFAULT_TARGET)
         self.loss.setCurrentText(cfg.loss.name)
         self.augment.setCurrentText(cfg.augment.level)
         self.patch.setText(", ".join(str(v) for v in cfg.patch_size) if cfg.patch_size else "")

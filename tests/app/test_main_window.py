@@ -37,7 +37,9 @@ def trained(tmp_path_factory):
         state = data.get(key)
         if state:
             state["head.weight"].zero_()
-            state["head.bias"].copy_(torch.tensor([4.0, -4.0, 4.0]))
+            # cell and tissue everywhere; no boundary, no wall bands (all_walls)
+            bias = [4.0, -4.0, 4.0] + [-4.0] * (len(state["head.bias"]) - 3)
+            state["head.bias"].copy_(torch.tensor(bias))
     save_model_file(d / "model.pt", data)
     return d, raw, lab
 

@@ -41,7 +41,9 @@ def model_and_stack(tmp_path_factory):
     data = load_model_file(d / "model.pt")
     for key in ("model_state_dict", "best_model_state_dict"):
         if data.get(key):
-            data[key]["head.bias"].add_(torch.tensor([8.0, logit(0.4) - logit(median), 8.0]))
+            shift = torch.zeros_like(data[key]["head.bias"])  # cell, boundary, tissue first
+            shift[:3] = torch.tensor([8.0, logit(0.4) - logit(median), 8.0])
+            data[key]["head.bias"].add_(shift)
     save_model_file(d / "model.pt", data)
     return d, d / "model.pt", d / "synth_001_raw.tif"
 

@@ -27,7 +27,8 @@ def test_a_model_that_finds_one_blob_fails_the_selftest_and_says_why(tmp_path):
     for key in ("model_state_dict", "best_model_state_dict"):
         if data.get(key):  # every voxel "cell" and "tissue", no boundary: one big cell
             data[key]["head.weight"].zero_()
-            data[key]["head.bias"].copy_(torch.tensor([4.0, -4.0, 4.0]))
+            bias = [4.0, -4.0, 4.0] + [-4.0] * (len(data[key]["head.bias"]) - 3)  # no wall bands
+            data[key]["head.bias"].copy_(torch.tensor(bias))
     blob = save_model_file(tmp_path / "blob.pt", data)
     report = run_selftest(tmp_path / "out", model=blob)
     assert not report.passed

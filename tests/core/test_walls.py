@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -81,8 +83,13 @@ def test_cells_from_probabilities_uses_the_bands_and_checks_them():
     plain = cells_from_probabilities(cell, boundary, tissue_prob=tissue, voxel_size=VS,
                                      params=params)
     walls = cells_from_probabilities(cell, boundary, tissue_prob=tissue,
-                                     wall_probs=bands_of(truth), voxel_size=VS, params=params)
+                                     wall_probs=bands_of(truth), voxel_size=VS,
+                                     params=replace(params, wall_core_um=0.6))
     wrong = lambda lab: int(sum(((lab == a) & (truth == b)).sum() for a, b in ((1, 2), (2, 1))))
     assert wrong(walls) == 0 and wrong(plain) > 0
+    # off by default (docs/accuracy.md step 15): the bands change nothing then
+    off = cells_from_probabilities(cell, boundary, tissue_prob=tissue,
+                                   wall_probs=bands_of(truth), voxel_size=VS, params=params)
+    np.testing.assert_array_equal(off, plain)
     with pytest.raises(VolumeDataError, match="wall_probs"):
         cells_from_probabilities(cell, boundary, wall_probs=bands_of(truth)[:2], voxel_size=VS)
