@@ -47,11 +47,12 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, VolumeDataError
+from core.walls import WALL_CHANNELS
 
 Triple = Tuple[int, int, int]
 TARGETS = ("cells_with_gaps", "boundaries", "both", "all", "all_walls")
 #: Per-axis wall bands (:func:`core.preprocess.axis_wall_target`), axis 0, 1, 2.
-WALL_TARGETS = ("wall_z", "wall_y", "wall_x")
+WALL_TARGETS = WALL_CHANNELS
 
 
 def wall_yx_channels(target: str) -> Optional[Tuple[int, int]]:

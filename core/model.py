@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError, VolumeDataError
+from core.walls import WALL_CHANNELS
 
 Triple = Tuple[int, int, int]
 
@@ -40,7 +41,7 @@ TARGET_CHANNELS: Dict[str, Tuple[str, ...]] = {
     "both": ("cell", "boundary"),
     "all": ("cell", "boundary", "tissue"),
     # plus one wall band per axis: where along Z, Y or X the label changes
-    "all_walls": ("cell", "boundary", "tissue", "wall_z", "wall_y", "wall_x"),
+    "all_walls": ("cell", "boundary", "tissue") + WALL_CHANNELS,
 }
 NORMS = ("group", "batch", "instance", "none")
 UPSAMPLINGS = ("transposed", "trilinear")

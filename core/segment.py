@@ -48,7 +48,7 @@ from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages, scratch_array
 from core.volume import label_counts, label_dtype
-from core.walls import regrow_at_walls
+from core.walls import WALL_CHANNELS, regrow_at_walls
 
 
 @dataclass
@@ -185,10 +185,6 @@ def erode_ball(mask: np.ndarray, radius_um: float, voxel_size: Sequence[float]) 
     sampling = [1.0 / r if r > 0 else 1e6 for r in radii]
     distance = ndi.distance_transform_edt(mask, sampling=sampling)
     return distance > 1.0 + 1e-9
-
-
-#: Output channels of the per-axis wall bands (target ``all_walls``), Z, Y, X.
-WALL_CHANNELS = ("wall_z", "wall_y", "wall_x")
 
 
 class _Prob:

@@ -77,6 +77,7 @@ from core.losses import LOSSES, make_loss
 from core.precision import cpu_has_native_bf16
 from core.preprocess import NormalisationConfig
 from core.segment import SegmentParams
+from core.walls import WALL_CHANNELS
 
 Triple = Tuple[int, int, int]
 Vec3 = Tuple[float, float, float]
@@ -667,7 +668,7 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
                                   voxel_size_um=voxel_size if ms.anisotropic else None, **over)
         model = build_model(model_cfg)
     channel_of = {"cells_with_gaps": "cell", "boundaries": "boundary", "tissue": "tissue",
-                  "wall_z": "wall_z", "wall_y": "wall_y", "wall_x": "wall_x"}
+                  **{name: name for name in WALL_CHANNELS}}
     if tuple(model_cfg.channel_names) != tuple(channel_of[n] for n in target_names(target)):
         raise ConfigError(f"The model's outputs {model_cfg.channel_names} do not match the "
                           f"target '{target}'.")
@@ -836,7 +837,7 @@ class _Context:
     def validate(self, want_metrics: bool) -> Tuple[float, Dict[str, Any]]:
         from core.metrics import evaluate
         from core.predict import predict_probabilities
-        from core.segment import WALL_CHANNELS, cells_from_probabilities
+        from core.segment import cells_from_probabilities
 
         t0 = time.monotonic()
         net = self.kept

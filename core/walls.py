@@ -25,6 +25,8 @@ from scipy import ndimage as ndi
 
 from core.scratch import release_pages, scratch_array
 
+#: Output channels (and training targets) of the wall bands along Z, Y and X.
+WALL_CHANNELS = ("wall_z", "wall_y", "wall_x")
 #: Voxels within this distance (um) of another label are re-grown; farther ones
 #: keep their label. 0.6 um = 2 voxels in Y and X and 1 in Z at 1 x 0.3 x 0.3 um.
 CORE_UM = 0.6
