@@ -51,16 +51,14 @@ from core.walls import WALL_CHANNELS
 
 Triple = Tuple[int, int, int]
 TARGETS = ("cells_with_gaps", "boundaries", "both", "all", "all_walls")
-#: Per-axis wall bands (:func:`core.preprocess.axis_wall_target`), axis 0, 1, 2.
-WALL_TARGETS = WALL_CHANNELS
 
 
 def wall_yx_channels(target: str) -> Optional[Tuple[int, int]]:
     """Channels of the Y and X wall bands of ``target`` (swapped by a 90-degree
     YX rotation), or None when it has none."""
     names = target_names(target)
-    if "wall_y" in names:
-        return names.index("wall_y"), names.index("wall_x")
+    if WALL_CHANNELS[1] in names:
+        return names.index(WALL_CHANNELS[1]), names.index(WALL_CHANNELS[2])
     return None
 
 
@@ -75,7 +73,7 @@ def target_names(target: str) -> Tuple[str, ...]:
     if target == "all":
         return ("cells_with_gaps", "boundaries", "tissue")
     if target == "all_walls":
-        return ("cells_with_gaps", "boundaries", "tissue") + WALL_TARGETS
+        return ("cells_with_gaps", "boundaries", "tissue") + WALL_CHANNELS
     raise ConfigError(f"target = {target!r} is unknown: use one of {', '.join(TARGETS)}.")
 
 
@@ -203,8 +201,8 @@ def _make_target(name: str, labels: np.ndarray, tc: Any) -> np.ndarray:
         return pp.cells_with_gaps_target(labels, connectivity=tc.connectivity, mode=tc.mode)
     if name == "tissue":
         return pp.tissue_target(labels)
-    if name in WALL_TARGETS:
-        return pp.axis_wall_target(labels, WALL_TARGETS.index(name))
+    if name in WALL_CHANNELS:
+        return pp.axis_wall_target(labels, WALL_CHANNELS.index(name))
     return pp.boundary_target(labels, connectivity=tc.boundary_connectivity,
                               mode=tc.boundary_mode, include_background=tc.boundary_background,
                               sigma=tc.boundary_sigma, blur=tc.boundary_blur)

@@ -64,6 +64,7 @@ from core.errors import ConfigError, VolumeDataError, VolumeReadError, VolumeWri
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages
 from core.volume import Volume, as_labels, label_counts, strided_sample
+from core.walls import face_pairs
 
 Vec3 = Tuple[float, float, float]
 FORMAT = "episeg-preprocessed"
@@ -471,10 +472,7 @@ def axis_wall_target(labels: np.ndarray, axis: int) -> np.ndarray:
     """
     lab = np.asarray(labels)
     out = np.zeros(lab.shape, np.uint8)
-    lo = [slice(None)] * lab.ndim
-    hi = [slice(None)] * lab.ndim
-    lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-    lo, hi = tuple(lo), tuple(hi)
+    lo, hi = face_pairs(lab.ndim, axis)
     a, b = lab[lo], lab[hi]
     wall = (a != b) & (a != 0) & (b != 0)
     out[lo] |= wall

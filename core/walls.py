@@ -47,13 +47,15 @@ def wall_strength(band: np.ndarray, axis: int) -> np.ndarray:
     """
     b = np.asarray(band)
     b = b.astype(np.float32) / 255.0 if b.dtype == np.uint8 else b.astype(np.float32)
-    lo, hi = _halves(b.ndim, axis)
+    lo, hi = face_pairs(b.ndim, axis)
     out = np.full(b.shape, np.inf, np.float32)
     np.minimum(b[lo], b[hi], out=out[lo])
     return out
 
 
-def _halves(ndim: int, axis: int):
+def face_pairs(ndim: int, axis: int):
+    """Index pairs (lo, hi): ``a[lo]`` and ``a[hi]`` are the voxels on either side of
+    each face between neighbours along ``axis``."""
     lo = [slice(None)] * ndim
     hi = [slice(None)] * ndim
     lo[axis], hi[axis] = slice(None, -1), slice(1, None)
@@ -84,7 +86,7 @@ def regrow_block(labels: np.ndarray, strengths: Sequence[np.ndarray], core: np.n
     for _ in range(sweeps):
         changed = False
         for axis in range(labels.ndim):
-            lo, hi = _halves(labels.ndim, axis)
+            lo, hi = face_pairs(labels.ndim, axis)
             s = strengths[axis][lo]
             for me, nb in ((lo, hi), (hi, lo)):
                 through = np.maximum(cost[nb], s)
