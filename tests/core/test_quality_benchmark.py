@@ -42,6 +42,26 @@ def test_the_real_sample_loses_only_its_lone_slice(quality, shared_data):
     assert len(lone) > 20 and not lone & set(np.unique(fixed))
 
 
+def test_the_real_sample_is_tuned_in_context_and_scored_on_its_validation_part(
+        quality, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "SHARED", shared_data)
+    data = quality.real_data(tmp_path)
+    (raw, gt, region), = quality.tune_cases(data["tune"])
+    assert raw.shape == (64, 200, 100)          # train + validation parts, segmented whole
+    assert gt[region].shape == (64, 200, 25)    # only x = 75..99 is scored
+    # A segmentation right on the scored part scores the same whatever it does elsewhere.
+    wrong_elsewhere = gt.copy()
+    wrong_elsewhere[:, :, :75] = 1
+    assert quality.region_objective(gt, wrong_elsewhere, region) == pytest.approx(
+        quality.region_objective(gt, gt, region))
+    merged = gt.copy()
+    merged[:, :, 75:] = 1
+    assert quality.region_objective(gt, merged, region) < quality.region_objective(gt, gt, region)
+    assert data["tune_classical"] == [data["val"]]   # the baseline's global threshold: val alone
+    test_name, test_raw, _ = data["tests"][0]
+    assert quality.read_volume(test_raw).shape == (64, 200, 100)   # x >= 100, never tuned on
+
+
 def test_the_classical_grid_is_in_voxels_of_the_finest_axis(quality):
     params = quality._classical_params({"smoothing_um": 2.0, "seed_h_um": 1.0,
                                         "threshold_factor": 0.8}, (1.0, 0.3, 0.3))
