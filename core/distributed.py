@@ -116,7 +116,8 @@ def _worker_model(model_path: str, mtime: float, device: str, threads: int):
 
 def run_block(model_path: str, image_path: str, block_file: str, z_rows: Tuple[int, int],
               y_rows: Tuple[int, int], tile_shape: Tuple[int, int, int], overlap, device: str,
-              tta: bool, batch_size: Optional[int], n_channels: int, threads: int = 0) -> str:
+              tta: bool, batch_size: Optional[int], n_channels: int, threads: int = 0,
+              channels: Optional[Sequence[int]] = None) -> str:
     """One task, on a worker: the probabilities (uint8) of one block of tile rows -> ``block_file``."""
     import zarr
 
@@ -134,7 +135,8 @@ def run_block(model_path: str, image_path: str, block_file: str, z_rows: Tuple[i
     zs, ys = block_extent(grid, z_rows, y_rows)
     out = _BlockOut((n_channels,) + tuple(image.shape), zs, ys)
     predict_probabilities(model, image, tile_shape=tile_shape, overlap=overlap, device=device,
-                          tta=tta, batch_size=batch_size, out=out, z_rows=z_rows, y_rows=y_rows)
+                          tta=tta, batch_size=batch_size, out=out, z_rows=z_rows, y_rows=y_rows,
+                          channels=channels)
     with atomic_path(block_file) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, out.data)
@@ -179,7 +181,7 @@ class DaskPredictor:
         self.last_run: Dict[str, Any] = {}
 
     def __call__(self, model, image, *, tile_shape=None, overlap=None, batch_size=None,
-                 device=None, tta=False, out=None, progress: ProgressFn = None,
+                 device=None, tta=False, out=None, channels=None, progress: ProgressFn = None,
                  cancel: CancelFlag = None, **_ignored):
         from core.predict import DEFAULT_OVERLAP, block_extent, plan_grid, row_blocks
 
@@ -192,8 +194,10 @@ class DaskPredictor:
         tile = tuple(int(t) for t in grid.tile_shape)
         blocks = row_blocks(grid, self.z_rows_per_block)
         n_ch = int(out.shape[0])
+        channels = None if channels is None else [int(c) for c in channels]
         key = hashlib.sha1(repr((_file_digest(Path(self.model_path)), _image_digest(image), tile,
-                                 overlap, bool(tta), batch_size, device)).encode()).hexdigest()[:16]
+                                 overlap, bool(tta), batch_size, device, channels)
+                                ).encode()).hexdigest()[:16]
         folder = self.work_dir / f"episeg-blocks-{key}"
         folder.mkdir(parents=True, exist_ok=True)
         image_path = folder / "image.zarr"
@@ -209,7 +213,7 @@ class DaskPredictor:
                     f"on {n_workers} dask workers")
         futures = [self.client.submit(run_block, self.model_path, str(image_path), files[i],
                                       blocks[i][0], blocks[i][1], tile, overlap, device, bool(tta),
-                                      batch_size, n_ch, self.threads, pure=False)
+                                      batch_size, n_ch, self.threads, channels, pure=False)
                    for i in todo]
         from distributed import as_completed
 

@@ -209,13 +209,15 @@ def segment_stack(
     check_cancelled(cancel, "Prediction")
 
     t1 = time.monotonic()
-    n_channels = len(info.channels)
+    kept = used_channels(info.channels, config)
+    n_channels = len(kept)
     # large maps live in an unlinked file beside the outputs (core.scratch)
     store = scratch_array((n_channels,) + tuple(image.shape), np.uint8, work_dir)
     (network or predict_probabilities)(
         model, image, tile_shape=config.tile_shape, overlap=config.overlap,
         batch_size=config.batch_size, device=None if config.device == "auto" else config.device,
         tta=config.tta, out=store, progress=progress, cancel=cancel,
+        channels=None if kept == tuple(info.channels) else [info.channels.index(c) for c in kept],
     )
     # the image is not needed any more: a caller that did not keep the volume frees it here
     del image, view, raw, volume
@@ -228,7 +230,7 @@ def segment_stack(
         for c in range(n_channels):
             back[c] = _resize_channel(store[c], shape)
         store = back
-    channel = {name: store[i] for i, name in enumerate(info.channels)}
+    channel = {name: store[i] for i, name in enumerate(kept)}
     cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
     boundary_prob = channel.get("boundary", channel.get("boundaries"))
     walls = [channel[n] for n in WALL_CHANNELS] if all(n in channel for n in WALL_CHANNELS) \
@@ -253,8 +255,18 @@ def segment_stack(
         labels=Volume(labels, recorded_voxel_size or config.input_voxel_size_um,
                       f"{name}_cells", source=source),
         probabilities=store if config.save_probabilities else None,
-        channels=tuple(info.channels), n_cells=n_cells, seconds=times, flags=flags,
+        channels=kept, n_cells=n_cells, seconds=times, flags=flags,
     )
+
+
+def used_channels(channels: Sequence[str], config: "PredictConfig") -> Tuple[str, ...]:
+    """The network outputs a prediction keeps: all when the probabilities are
+    saved; otherwise the per-axis wall bands only when the re-growing uses them
+    (``segment.wall_core_um`` > 0), so an ``all_walls`` model needs no scratch
+    space for them."""
+    if config.save_probabilities or config.segment.wall_core_um > 0:
+        return tuple(channels)
+    return tuple(c for c in channels if c not in WALL_CHANNELS)
 
 
 def output_paths(stem: str, out_dir: Path, fmt: str, channels: Sequence[str],

@@ -173,6 +173,7 @@ def predict_probabilities(
     transform: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     out=None,
     out_dtype=np.float16,
+    channels: Optional[Sequence[int]] = None,
     memory_budget_mb: Optional[float] = None,
     z_rows: Optional[Tuple[int, int]] = None,
     y_rows: Optional[Tuple[int, int]] = None,
@@ -216,6 +217,8 @@ def predict_probabilities(
         h5py dataset) that receives the result block by block; None allocates
         a NumPy array of ``out_dtype``. A uint8 ``out`` receives 0..255 for 0..1.
     out_dtype : dtype of the allocated result (ignored when ``out`` is given).
+    channels : indices of the network's output channels to keep, in this order
+        (C = their number); None keeps all. Channels left out cost no memory.
     memory_budget_mb : activation memory allowed for one batch of tiles (None:
         1 GiB on a CPU, a quarter of the free GPU memory on CUDA).
     z_rows, y_rows : only write the block owned by tile rows ``[a, b)`` along Z
@@ -279,6 +282,11 @@ def predict_probabilities(
         with torch.inference_mode():
             n_ch = int(net(torch.zeros((1, 1) + tuple(divisor), device=dev,
                                        dtype=_param_dtype(net))).shape[1])
+    if channels is not None:
+        channels = [int(c) for c in channels]
+        if not channels or min(channels) < 0 or max(channels) >= int(n_ch):
+            raise ConfigError(f"Channels {channels} do not exist: the network has {n_ch} outputs.")
+        n_ch = len(channels)
     full = (int(n_ch),) + shape
     if out is None:
         out = np.empty(full, dtype=out_dtype)
@@ -290,7 +298,8 @@ def predict_probabilities(
 
     rows = _check_rows(grid, z_rows, y_rows)
     n_run = (rows[1] - max(0, rows[0] - 1)) * (rows[3] - max(0, rows[2] - 1)) * len(grid.starts[2])
-    _SlidingWindow(net, image, out, grid, dev, n_ch, flips, use_amp, channels_last, transform).run(
+    _SlidingWindow(net, image, out, grid, dev, n_ch, flips, use_amp, channels_last, transform,
+                   channels).run(
         batch_size, ProgressReporter(progress, "predict", total=n_run), cancel, rows
     )
     return out
@@ -357,10 +366,12 @@ def _check_rows(grid: TileGrid, z_rows, y_rows) -> Tuple[int, int, int, int]:
 class _SlidingWindow:
     """One prediction run: accumulators and the block-by-block flushing."""
 
-    def __init__(self, net, image, out, grid: TileGrid, dev, n_ch, flips, use_amp, channels_last, transform):
+    def __init__(self, net, image, out, grid: TileGrid, dev, n_ch, flips, use_amp, channels_last, transform,
+                 channels=None):
         self.net, self.image, self.out, self.grid, self.dev = net, image, out, grid, dev
         self.n_ch, self.flips, self.use_amp, self.cl = n_ch, flips, use_amp, channels_last
         self.transform = transform
+        self.channels = None if channels is None else torch.as_tensor(channels, device=dev)
         self.in_dtype = _param_dtype(net)  # bfloat16 for a bf16 CPU network
         f32 = dict(dtype=torch.float32, device=dev)
         self.w1d = [[torch.as_tensor(w, **f32) for w in grid.axis_weights(ax)] for ax in range(3)]
@@ -390,7 +401,10 @@ class _SlidingWindow:
             for f in self.flips:
                 dims = [a + 2 for a in f]
                 xi = torch.flip(x, dims) if dims else x
-                p = torch.sigmoid(self.net(xi).float())
+                logits = self.net(xi)
+                if self.channels is not None:
+                    logits = logits.index_select(1, self.channels)
+                p = torch.sigmoid(logits.float())
                 if dims:
                     p = torch.flip(p, dims)
                 acc = p if acc is None else acc.add_(p)

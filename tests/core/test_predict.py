@@ -178,6 +178,19 @@ def test_gaussian_blending_leaves_no_seams(net):
 
 
 # -- outputs on disk, inputs read tile by tile ---------------------------------------------------
+def test_only_the_asked_channels_are_predicted_in_the_asked_order():
+    model = local_net(target="all_walls")
+    image = smooth_image((12, 24, 20), seed=3)
+    kw = dict(tile_shape=(8, 16, 16), overlap=4)
+    every = predict_probabilities(model, image, **kw)
+    assert every.shape[0] == 6
+    some = predict_probabilities(model, image, channels=[2, 0], **kw)
+    assert some.shape == (2,) + image.shape
+    np.testing.assert_array_equal(some, every[[2, 0]])
+    with pytest.raises(ConfigError, match="6 outputs"):
+        predict_probabilities(model, image, channels=[6], **kw)
+
+
 def test_results_written_to_memmap_and_hdf5_equal_in_memory_result(tmp_path):
     model = local_net("batch", target="both")
     image = np.random.default_rng(5).normal(size=(20, 40, 36)).astype(np.float32)

@@ -276,6 +276,14 @@ def test_a_wall_band_model_trains_and_predicts_cells(stacks, tmp_path):
     res = segment_stack(raw, model, info, config=conf(PredictConfig, {"save_probabilities": True}))
     assert res.channels == tuple(data["channels"]) and len(res.probabilities) == 6
     assert res.labels.data.shape == raw.data.shape
+    # Without saved probabilities the bands are not kept (the default post-processing
+    # does not read them): half the scratch space, the same cells.
+    lean = segment_stack(raw, model, info, config=conf(PredictConfig, {}))
+    assert lean.channels == ("cell", "boundary", "tissue")
+    np.testing.assert_array_equal(lean.labels.data, res.labels.data)
+    regrown = segment_stack(raw, model, info,
+                            config=conf(PredictConfig, {"segment": {"wall_core_um": 0.6}}))
+    assert regrown.channels == tuple(data["channels"])   # the re-growing reads the bands
 
 
 def test_a_robust_normalised_model_normalises_new_stacks_the_same_way(stacks, tmp_path):
