@@ -123,6 +123,7 @@ class TrainTab(QWidget):
         self.epoch_train: List[float] = []
         self.epoch_val: List[float] = []
         self.epoch_ap: List[float] = []
+        self.epoch_ap_x: List[float] = []   # cell metrics come every few epochs
         self.epoch_x: List[float] = []
         for c in (self.iter_curve, self.train_curve, self.val_curve, self.ap_curve):
             c.setData([], [])
@@ -204,5 +205,6 @@ class TrainTab(QWidget):
             self.train_curve.setData(self.epoch_x, self.epoch_train)
             self.val_curve.setData(self.epoch_x, self.epoch_val)
             if "ap50" in d:
+                self.epoch_ap_x.append(float(d["epoch"]))
                 self.epoch_ap.append(float(d["ap50"]))
-                self.ap_curve.setData(self.epoch_x[-len(self.epoch_ap):], self.epoch_ap)
+                self.ap_curve.setData(self.epoch_ap_x, self.epoch_ap)

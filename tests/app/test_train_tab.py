@@ -110,3 +110,17 @@ def test_default_model_button_fills_in_the_bundled_model_to_fine_tune(qtbot):
     button = next(b for b in tab.init.findChildren(QPushButton) if b.text() == "Default model")
     qtbot.mouseClick(button, Qt.LeftButton)
     assert tab.init.text() == str(default_model())
+
+
+def test_the_ap50_curve_puts_each_point_at_its_own_epoch(qtbot):
+    """Cell metrics come every few epochs: each AP50 point stays at the epoch it was measured."""
+    from core.jobs import ProgressEvent
+
+    tab = TrainTab()
+    qtbot.addWidget(tab)
+    for epoch, extra in ((1, {"ap50": 0.5}), (2, {}), (3, {}), (4, {}), (5, {"ap50": 0.8})):
+        tab.on_progress(ProgressEvent("epoch", epoch, 5, data={"epoch": epoch, "train_loss": 1.0 / epoch,
+                                                                 "val_loss": 1.1 / epoch, **extra}))
+    x, y = tab.ap_curve.getData()
+    assert list(x) == [1.0, 5.0] and list(y) == [0.5, 0.8]
+    assert len(tab.val_curve.getData()[0]) == 5

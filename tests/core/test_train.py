@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from core.checkpoint import load_model_file, load_model_for_inference
+from core.checkpoint import load_model_file, load_model_for_inference, model_info
 from core.cli.main import main
 from core.config import from_dict, to_dict
 from core.errors import ConfigError, JobCancelled, ModelFileError
@@ -106,6 +106,12 @@ def test_training_learns_to_find_cells_better_than_an_untrained_model(trained, s
     assert result.stopped == "finished" and result.epochs == 3
     assert len(result.train_losses) == 3 and result.train_losses[-1] < result.train_losses[0]
     assert "ap50" in result.valid_metrics[-1] and 1 <= result.best_epoch <= 3
+    # cell-level metrics at the first and last epoch and every 5th (the steps get the
+    # rest), and for the kept epoch, so that the model file reports them
+    has = [bool(m) for m in result.valid_metrics]
+    assert has[0] and has[2] and has[result.best_epoch - 1]
+    assert has[1] == (result.best_epoch == 2)
+    assert model_info(load_model_file(path), path).valid_metrics.get("ap50") is not None
     # progress: one event per iteration with loss and ETA, one summary per epoch
     it_events = [e for e in events if e.stage == "train" and e.total]
     assert len(it_events) == 60 and it_events[-1].done == 60 and "loss" in it_events[-1].data
