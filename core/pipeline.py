@@ -264,9 +264,7 @@ def used_channels(channels: Sequence[str], config: "PredictConfig") -> Tuple[str
     saved; otherwise the per-axis wall bands only when the re-growing uses them
     (``segment.wall_core_um`` > 0), so an ``all_walls`` model needs no scratch
     space for them."""
-    if config.save_probabilities or config.segment.wall_core_um > 0:
-        return tuple(channels)
-    return tuple(c for c in channels if c not in WALL_CHANNELS)
+    return tuple(channels) if config.save_probabilities else config.segment.channels_read(channels)
 
 
 def output_paths(stem: str, out_dir: Path, fmt: str, channels: Sequence[str],

@@ -144,6 +144,14 @@ class SegmentParams:
         if self.slab_z < 1:
             raise ConfigError(f"segment.slab_z = {self.slab_z}: must be >= 1.")
 
+    def channels_read(self, channels: Sequence[str]) -> Tuple[str, ...]:
+        """The network outputs :func:`cells_from_probabilities` reads with these
+        settings: all but the per-axis wall bands, which only the re-growing
+        (``wall_core_um`` > 0) uses."""
+        if self.wall_core_um > 0:
+            return tuple(channels)
+        return tuple(c for c in channels if c not in WALL_CHANNELS)
+
 
 def ball_um(radius_um: float, voxel_size: Sequence[float]) -> Optional[np.ndarray]:
     """Ellipsoidal structuring element of ``radius_um`` for a (z, y, x) voxel size.

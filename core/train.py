@@ -865,18 +865,21 @@ class _Context:
         metrics: Dict[str, Any] = {}
         per = []
         names = tuple(self.model_cfg.channel_names)
+        seg = self.cfg.validation.segment
+        used = seg.channels_read(names)
         for vol in self.metric_vols:
             if is_cancelled(self.run.cancel):
                 break
             prob = predict_probabilities(net, vol.image, device=self.device,
-                                         amp=self.use_amp, out_dtype=np.float32)
-            ch = {n: prob[i] for i, n in enumerate(names)}
+                                         amp=self.use_amp, out_dtype=np.float32,
+                                         channels=[names.index(n) for n in used])
+            ch = {n: prob[i] for i, n in enumerate(used)}
             walls = [ch[n] for n in WALL_CHANNELS] if WALL_CHANNELS[0] in ch else None
             cells = cells_from_probabilities(
                 ch.get("cell"), ch.get("boundary"), tissue_prob=ch.get("tissue"),
                 wall_probs=walls,
                 voxel_size=self.voxel_size or (1.0, 1.0, 1.0),
-                params=self.cfg.validation.segment)
+                params=seg)
             per.append(evaluate(vol.labels, cells).to_dict())
         if per:
             for key in ("ap50", "f1_50", "precision_50", "recall_50", "cell_iou",
