@@ -68,7 +68,7 @@ from core.flags import (cell_flags, face_sliver_merges, flag_precision,  # noqa:
 from core.io import read_labels, read_volume, write_volume  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.pipeline import PredictConfig, segment_stack  # noqa: E402
-from core.segment import WALL_CHANNELS, SegmentParams, cells_from_probabilities  # noqa: E402
+from core.segment import SegmentParams, cells_from_channels  # noqa: E402
 from core.synth import SynthParams, write_synthetic_dataset  # noqa: E402
 from core.train import TrainConfig, train  # noqa: E402
 from core.volume import Volume  # noqa: E402
@@ -357,11 +357,8 @@ def tune_segmentation(model, info, stacks: Sequence[Tuple[Path, Path]],
     def score(params: Dict[str, Any]) -> float:
         total = 0.0
         for gt, region, probs, vs in cases:
-            walls = [probs[n] for n in WALL_CHANNELS] if WALL_CHANNELS[0] in probs else None
-            labels = cells_from_probabilities(probs.get("cell"), probs.get("boundary"),
-                                              tissue_prob=probs.get("tissue"), wall_probs=walls,
-                                              voxel_size=vs,
-                                              params=replace(SegmentParams(), **params))
+            labels = cells_from_channels(probs, voxel_size=vs,
+                                         params=replace(SegmentParams(), **params))
             total += region_objective(gt, labels, region) / len(cases)
         return total
 

@@ -27,7 +27,7 @@ import numpy as np
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages, scratch_array
-from core.segment import WALL_CHANNELS, SegmentParams, cells_from_probabilities
+from core.segment import SegmentParams, cells_from_channels
 from core.volume import Volume, strided_sample
 
 #: Output formats and their file extensions.
@@ -231,13 +231,8 @@ def segment_stack(
             back[c] = _resize_channel(store[c], shape)
         store = back
     channel = {name: store[i] for i, name in enumerate(kept)}
-    cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
-    boundary_prob = channel.get("boundary", channel.get("boundaries"))
-    walls = [channel[n] for n in WALL_CHANNELS] if all(n in channel for n in WALL_CHANNELS) \
-        else None
-    labels = cells_from_probabilities(
-        cell_prob, boundary_prob, tissue_prob=channel.get("tissue"), wall_probs=walls,
-        voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
+    labels = cells_from_channels(
+        channel, voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
         params=config.segment, work_dir=work_dir, progress=progress, cancel=cancel,
     )
     times["cells"] = time.monotonic() - t2
@@ -246,6 +241,8 @@ def segment_stack(
         from core.flags import cell_flags
 
         t3 = time.monotonic()
+        cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
+        boundary_prob = channel.get("boundary", channel.get("boundaries"))
         flags = cell_flags(labels, boundary_prob, cell_prob,
                            voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0))
         times["flags"] = time.monotonic() - t3

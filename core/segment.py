@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Tuple
+from typing import Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -629,6 +629,18 @@ def cells_from_probabilities(
                                  voxel_size=voxel_size, core_um=params.wall_core_um,
                                  slab_z=params.slab_z, work_dir=work_dir, release=release_walls)
     return labels
+
+
+def cells_from_channels(channels: Mapping[str, np.ndarray], **kwargs) -> np.ndarray:
+    """:func:`cells_from_probabilities` on a network's outputs by channel name:
+    "cell" (or "cells_with_gaps"), "boundary" (or "boundaries"), "tissue", and
+    the wall bands when all three are there; ``kwargs`` as there."""
+    walls = ([channels[n] for n in WALL_CHANNELS]
+             if all(n in channels for n in WALL_CHANNELS) else None)
+    return cells_from_probabilities(
+        channels.get("cell", channels.get("cells_with_gaps")),
+        channels.get("boundary", channels.get("boundaries")),
+        tissue_prob=channels.get("tissue"), wall_probs=walls, **kwargs)
 
 
 def _merge_weak_walls(labels, cp, bp, below: float, slab_z: int, work_dir) -> np.ndarray:

@@ -860,7 +860,7 @@ class _Context:
         """Cell-level metrics of ``net`` (in eval mode) on the validation volumes."""
         from core.metrics import evaluate
         from core.predict import predict_probabilities
-        from core.segment import cells_from_probabilities
+        from core.segment import cells_from_channels
 
         metrics: Dict[str, Any] = {}
         per = []
@@ -873,13 +873,9 @@ class _Context:
             prob = predict_probabilities(net, vol.image, device=self.device,
                                          amp=self.use_amp, out_dtype=np.float32,
                                          channels=[names.index(n) for n in used])
-            ch = {n: prob[i] for i, n in enumerate(used)}
-            walls = [ch[n] for n in WALL_CHANNELS] if WALL_CHANNELS[0] in ch else None
-            cells = cells_from_probabilities(
-                ch.get("cell"), ch.get("boundary"), tissue_prob=ch.get("tissue"),
-                wall_probs=walls,
-                voxel_size=self.voxel_size or (1.0, 1.0, 1.0),
-                params=seg)
+            cells = cells_from_channels({n: prob[i] for i, n in enumerate(used)},
+                                        voxel_size=self.voxel_size or (1.0, 1.0, 1.0),
+                                        params=seg)
             per.append(evaluate(vol.labels, cells).to_dict())
         if per:
             for key in ("ap50", "f1_50", "precision_50", "recall_50", "cell_iou",
