@@ -99,9 +99,9 @@ class SegmentParams:
     wall_core_um: with per-axis wall bands (models trained on ``all_walls``),
         the voxels within this distance (um) of another cell are given again to
         the cell reached across the weakest wall (:mod:`core.walls`); 0: off,
-        the default: the 15-minute models' bands do not find the voxel pair of a
-        wall better than chance in Y and X, and re-growing moved ARE by
-        +0.0001 to +0.0004 on two development sets (docs/accuracy.md step 15).
+        the default: the 15-minute models' bands find a wall's voxel pair
+        reliably only where the wall faces an axis, and re-growing moved ARE by
+        +0.0001 to +0.0004 on two development sets (docs/accuracy.md steps 15-16).
     slab_z: at most this many Z slices per watershed block (blocks are also
         capped at SLAB_VOXELS voxels, so memory stays bounded on any stack).
     """
