@@ -105,6 +105,17 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # a wall band per axis as three more outputs (step 15): says between which
     # two voxels each wall lies
     "all_walls": {"target": "all_walls"},
+    # the learning rate (step 17): Adam's lr was set, never searched (0.005)
+    "lr_0.0025": {"optimizer": {"lr": 0.0025}},
+    "lr_0.01": {"optimizer": {"lr": 0.01}},
+    # one patch per step instead of two: twice the steps in the same minutes
+    "batch_1": {"batch_size": 1},
+    "batch_4": {"batch_size": 4},
+    # fine-tune the bundled model (trained on synthetic stacks only) instead of
+    # starting from random weights, at the data's own voxel size (step 17; "init"
+    # is a model file relative to the repository, passed as `episeg train --init`)
+    "finetune_bundled": {"init": "resources/models/default.pt",
+                         "data": {"target_voxel_size_um": [1.0, 1.0, 1.0]}},
     "robust": {"data": {"normalisation": {"mode": "robust"}}},
     "ema": {"ema_decay": 0.99},
     "no_ema": {"ema_decay": 0.0},
@@ -314,21 +325,29 @@ def region_objective(gt: np.ndarray, labels: np.ndarray, region: tuple) -> float
 
 
 # ---------------------------------------------------------------- methods
+def variant_config(name: str, data: Dict[str, Any], minutes: float,
+                   seed: int) -> Tuple[TrainConfig, Optional[Path]]:
+    """The training config of variant ``name`` and the model it fine-tunes (or None)."""
+    source = lambda r, l: {"raw": str(r), "labels": str(l)}  # noqa: E731
+    overrides = dict(VARIANTS[name])
+    init = overrides.pop("init", None)
+    cfg_dict = _deep_update({
+        "data": {"train": [source(r, l) for r, l in data["train"]],
+                 "val": [source(*data["val"])]},
+        "epochs": 100000, "max_minutes": minutes, "seed": seed,
+    }, overrides)
+    return from_dict(TrainConfig, cfg_dict, where=f"variant {name}"), REPO / init if init else None
+
+
 def train_variant(name: str, data: Dict[str, Any], model_path: Path, minutes: float,
                   args) -> Dict[str, Any]:
     """Train (or reuse) the variant's model; returns training facts."""
     facts_path = model_path.with_suffix(".json")
     if model_path.exists() and facts_path.exists() and not args.retrain:
         return json.loads(facts_path.read_text())
-    source = lambda r, l: {"raw": str(r), "labels": str(l)}  # noqa: E731
-    cfg_dict = _deep_update({
-        "data": {"train": [source(r, l) for r, l in data["train"]],
-                 "val": [source(*data["val"])]},
-        "epochs": 100000, "max_minutes": minutes, "seed": args.seed,
-    }, VARIANTS[name])
-    cfg = from_dict(TrainConfig, cfg_dict, where=f"variant {name}")
+    cfg, init = variant_config(name, data, minutes, args.seed)
     t0 = time.monotonic()
-    result = train(cfg, model_path)
+    result = train(cfg, model_path, init=init)
     facts = {"train_minutes": (time.monotonic() - t0) / 60, "epochs": result.epochs,
              "best_epoch": result.best_epoch, "patch": list(result.patch_size),
              "overrides": VARIANTS[name]}

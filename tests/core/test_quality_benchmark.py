@@ -90,3 +90,18 @@ def test_the_error_breakdown_tells_face_slivers_from_other_misses():
     row = module.breakdown(gt, pred, (1.0, 1.0, 1.0), sliver_um3=500)
     assert row == {"gt_cells": 4, "matched": 2, "missed_slivers": 1, "missed_other": 1,
                    "fp_background": 1, "fp_other": 1}
+
+
+def test_every_variant_is_a_valid_training_config(quality, tmp_path):
+    # A misspelt key in a variant would only fail after a benchmark's earlier
+    # 15-minute runs; the model a variant fine-tunes must exist.
+    data = {"train": [(tmp_path / "r.tif", tmp_path / "l.tif")],
+            "val": (tmp_path / "vr.tif", tmp_path / "vl.tif")}
+    for name in quality.VARIANTS:
+        cfg, init = quality.variant_config(name, data, 15.0, seed=3)
+        assert cfg.max_minutes == 15.0 and cfg.seed == 3
+        assert init is None or init.is_file(), (name, init)
+    cfg, init = quality.variant_config("lr_0.0025", data, 15.0, seed=0)
+    assert cfg.optimizer.lr == 0.0025 and init is None
+    cfg, init = quality.variant_config("finetune_bundled", data, 15.0, seed=0)
+    assert init.name == "default.pt" and tuple(cfg.data.target_voxel_size_um) == (1.0, 1.0, 1.0)
