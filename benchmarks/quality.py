@@ -118,6 +118,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
                          "data": {"target_voxel_size_um": [1.0, 1.0, 1.0]}},
     "robust": {"data": {"normalisation": {"mode": "robust"}}},
     "ema": {"ema_decay": 0.99},
+    "ema_0.998": {"ema_decay": 0.998},  # the average over ~500 steps instead of ~100
     "no_ema": {"ema_decay": 0.0},
     "boundaries": {"target": "boundaries"},
     # fixed patch sizes (step 9: the automatic CPU patch was 16 x 56 x 56 before,
