@@ -27,7 +27,7 @@ import numpy as np
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages, scratch_array
-from core.segment import SegmentParams, cells_from_channels
+from core.segment import SegmentParams, cell_and_boundary, cells_from_channels
 from core.volume import Volume, strided_sample
 
 #: Output formats and their file extensions.
@@ -231,8 +231,9 @@ def segment_stack(
             back[c] = _resize_channel(store[c], shape)
         store = back
     channel = {name: store[i] for i, name in enumerate(kept)}
+    cells_vs = voxel_size or model_vs or (1.0, 1.0, 1.0)
     labels = cells_from_channels(
-        channel, voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0),
+        channel, voxel_size=cells_vs,
         params=config.segment, work_dir=work_dir, progress=progress, cancel=cancel,
     )
     times["cells"] = time.monotonic() - t2
@@ -241,10 +242,8 @@ def segment_stack(
         from core.flags import cell_flags
 
         t3 = time.monotonic()
-        cell_prob = channel.get("cell", channel.get("cells_with_gaps"))
-        boundary_prob = channel.get("boundary", channel.get("boundaries"))
-        flags = cell_flags(labels, boundary_prob, cell_prob,
-                           voxel_size=voxel_size or model_vs or (1.0, 1.0, 1.0))
+        cell_prob, boundary_prob = cell_and_boundary(channel)
+        flags = cell_flags(labels, boundary_prob, cell_prob, voxel_size=cells_vs)
         times["flags"] = time.monotonic() - t3
     n_cells = int(labels.max()) if labels.size else 0
     rep.message(f"{name}: {n_cells} cells")

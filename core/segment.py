@@ -631,16 +631,22 @@ def cells_from_probabilities(
     return labels
 
 
+def cell_and_boundary(channels: Mapping[str, np.ndarray]
+                      ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """A network's cell and boundary outputs by channel name: "cell" (or
+    "cells_with_gaps") and "boundary" (or "boundaries"); None where absent."""
+    return (channels.get("cell", channels.get("cells_with_gaps")),
+            channels.get("boundary", channels.get("boundaries")))
+
+
 def cells_from_channels(channels: Mapping[str, np.ndarray], **kwargs) -> np.ndarray:
     """:func:`cells_from_probabilities` on a network's outputs by channel name:
-    "cell" (or "cells_with_gaps"), "boundary" (or "boundaries"), "tissue", and
-    the wall bands when all three are there; ``kwargs`` as there."""
+    cell and boundary (:func:`cell_and_boundary`), "tissue", and the wall bands
+    when all three are there; ``kwargs`` as there."""
     walls = ([channels[n] for n in WALL_CHANNELS]
              if all(n in channels for n in WALL_CHANNELS) else None)
-    return cells_from_probabilities(
-        channels.get("cell", channels.get("cells_with_gaps")),
-        channels.get("boundary", channels.get("boundaries")),
-        tissue_prob=channels.get("tissue"), wall_probs=walls, **kwargs)
+    return cells_from_probabilities(*cell_and_boundary(channels),
+                                    tissue_prob=channels.get("tissue"), wall_probs=walls, **kwargs)
 
 
 def _merge_weak_walls(labels, cp, bp, below: float, slab_z: int, work_dir) -> np.ndarray:
