@@ -116,6 +116,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # is a model file relative to the repository, passed as `episeg train --init`)
     "finetune_bundled": {"init": "resources/models/default.pt",
                          "data": {"target_voxel_size_um": [1.0, 1.0, 1.0]}},
+    # random zoom (step 18): patches cut from a region up to 1.4x larger or smaller
+    # and resized, so cells and voxels of other sizes are seen (nnU-Net's range)
+    "zoom_1.4": {"augment": {"zoom": 1.4}},
     "robust": {"data": {"normalisation": {"mode": "robust"}}},
     "ema": {"ema_decay": 0.99},
     "ema_0.998": {"ema_decay": 0.998},  # the average over ~500 steps instead of ~100

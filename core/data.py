@@ -521,6 +521,20 @@ def _crop(a: np.ndarray, start: Sequence[int], size: Sequence[int], lead: int = 
     return np.pad(part, pad)
 
 
+def _resize_patch(img: np.ndarray, tgt: np.ndarray, w: Optional[np.ndarray],
+                  size: Sequence[int]):
+    """Resize a patch's image (1, Z, Y, X), targets (C, ...) and weight to ``size``
+    (trilinear: the image as a microscope would sample it, the targets soft)."""
+    import torch.nn.functional as F
+
+    parts = [img, tgt] + ([w] if w is not None else [])
+    stacked = torch.from_numpy(np.concatenate([np.asarray(a, np.float32) for a in parts]))
+    out = F.interpolate(stacked[None], size=tuple(int(k) for k in size), mode="trilinear",
+                        align_corners=False)[0].numpy()
+    n_t = tgt.shape[0]
+    return out[:1], out[1:1 + n_t], (out[1 + n_t:] if w is not None else None)
+
+
 class PatchSampler:
     """Draws random training patches from one or more :class:`TrainVolume`.
 
@@ -534,11 +548,17 @@ class PatchSampler:
     rotate90 : random multiples of 90 degrees in the YX plane.
     swap_on_rotate : target channels (y, x) that trade places when a rotation
         turns Y into X (the per-axis wall bands), or None.
+    zoom : (probability, largest factor): that share of the patches is cut
+        from a region f times the patch size on every axis, f log-uniform in
+        [1 / factor, factor], and resized to the patch (linear; the targets
+        become soft at their edges). Cells then look f times smaller; the
+        voxel size ratio between the axes stays. (0, 1) = off.
     """
 
     def __init__(self, volumes: Sequence[TrainVolume], patch_size: Sequence[int], *,
                  rng: np.random.Generator, foreground_probability: float = 0.9,
-                 rotate90: bool = True, swap_on_rotate: Optional[Tuple[int, int]] = None):
+                 rotate90: bool = True, swap_on_rotate: Optional[Tuple[int, int]] = None,
+                 zoom: Tuple[float, float] = (0.0, 1.0)):
         if not volumes:
             raise ConfigError("No training volumes: give at least one raw + labels pair.")
         if not 0.0 <= foreground_probability <= 1.0:
@@ -549,6 +569,7 @@ class PatchSampler:
         self.foreground_probability = float(foreground_probability)
         self.rotate90 = bool(rotate90)
         self.swap_on_rotate = swap_on_rotate
+        self.zoom = (float(zoom[0]), float(zoom[1]))
 
     def _start(self, vol: TrainVolume, size: Sequence[int], centred: bool) -> List[int]:
         shape = vol.shape
@@ -574,10 +595,17 @@ class PatchSampler:
         pz, py, px = self.patch_size
         size = (pz, px, py) if k % 2 else (pz, py, px)
         centred = bool(rng.random() < self.foreground_probability)
+        out_size = size
+        p_zoom, factor = self.zoom
+        if p_zoom > 0 and factor > 1 and rng.random() < p_zoom:  # no draw when off: same streams
+            f = float(np.exp(rng.uniform(-np.log(factor), np.log(factor))))
+            size = tuple(max(1, int(round(k * f))) for k in size)
         start = self._start(vol, size, centred)
         img = _crop(vol.image, start, size)[None]
         tgt = _crop(vol.targets, start, size, lead=1)
         w = None if vol.weight is None else _crop(vol.weight, start, size)[None]
+        if size != out_size:
+            img, tgt, w = _resize_patch(img, tgt, w, out_size)
         if k:
             img = np.rot90(img, k, axes=(2, 3))
             tgt = np.rot90(tgt, k, axes=(2, 3))
@@ -629,18 +657,28 @@ AugmentLevel = Literal["off", "flips", "light", "default", "strong"]
 
 #: Strength of each augmentation level. gamma: log-gamma range; contrast:
 #: factor range; noise: max std relative to the patch std; p_*: probabilities
-#: per patch; elastic: max displacement (voxels) and probability.
+#: per patch; elastic: max displacement (voxels) and probability; zoom: largest
+#: resize factor of a patch (drawn from a region up to that much larger or
+#: smaller, so cells look smaller or larger; 1 = off).
+_NO_ZOOM = dict(p_zoom=0.0, zoom=1.0)
+#: share of the patches zoomed when ``augment.zoom`` is set
+ZOOM_PROBABILITY = 0.3
 LEVELS: Dict[str, Dict[str, Any]] = {
     "off": dict(flip=False, rot90=False, p_gamma=0.0, gamma=0.0, p_contrast=0.0,
-                contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0),
+                contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0,
+                **_NO_ZOOM),
     "flips": dict(flip=True, rot90=False, p_gamma=0.0, gamma=0.0, p_contrast=0.0,
-                  contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0),
+                  contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0,
+                  **_NO_ZOOM),
     "light": dict(flip=True, rot90=True, p_gamma=0.3, gamma=0.15, p_contrast=0.3,
-                  contrast=(0.85, 1.15), p_noise=0.2, noise=0.05, p_elastic=0.0, elastic=2.0),
+                  contrast=(0.85, 1.15), p_noise=0.2, noise=0.05, p_elastic=0.0, elastic=2.0,
+                  **_NO_ZOOM),
     "default": dict(flip=True, rot90=True, p_gamma=0.5, gamma=0.3, p_contrast=0.5,
-                    contrast=(0.7, 1.3), p_noise=0.3, noise=0.1, p_elastic=0.0, elastic=3.0),
+                    contrast=(0.7, 1.3), p_noise=0.3, noise=0.1, p_elastic=0.0, elastic=3.0,
+                    **_NO_ZOOM),
     "strong": dict(flip=True, rot90=True, p_gamma=0.7, gamma=0.5, p_contrast=0.7,
-                   contrast=(0.5, 1.5), p_noise=0.5, noise=0.2, p_elastic=0.3, elastic=4.0),
+                   contrast=(0.5, 1.5), p_noise=0.5, noise=0.2, p_elastic=0.3, elastic=4.0,
+                   **_NO_ZOOM),
 }
 
 
@@ -654,6 +692,10 @@ class AugmentConfig:
                 "also elastic deformation)."})
     elastic: Optional[bool] = field(default=None, metadata={
         "help": "Elastic deformation (torchio, CPU, slow); null = as the level says."})
+    zoom: Optional[float] = field(default=None, metadata={
+        "help": "Largest zoom factor, e.g. 1.4: a third of the patches are cut from a region "
+                "up to this factor larger or smaller and resized to the patch, so the network "
+                "also sees smaller and larger cells (1 = off; null = as the level says)."})
 
 
 class Augmenter:
@@ -674,6 +716,12 @@ class Augmenter:
         if self.config.elastic is not None:
             self.p["p_elastic"] = (0.3 if self.config.elastic else 0.0)
             self.p["elastic"] = self.p["elastic"] or 3.0
+        if self.config.zoom is not None:
+            if not 1.0 <= float(self.config.zoom) <= 2.0:
+                raise ConfigError(f"augment.zoom = {self.config.zoom}: use a factor from 1 (off) "
+                                  "to 2, e.g. 1.4.")
+            self.p["zoom"] = float(self.config.zoom)
+            self.p["p_zoom"] = ZOOM_PROBABILITY if self.p["zoom"] > 1.0 else 0.0
         self.flips = None
         if self.p["flip"]:
             self.flips = K.AugmentationSequential(
@@ -684,6 +732,11 @@ class Augmenter:
     def rotate90(self) -> bool:
         """Whether the sampler should apply random 90-degree XY rotations."""
         return bool(self.p["rot90"])
+
+    @property
+    def zoom(self) -> Tuple[float, float]:
+        """(probability per patch, largest factor) of the sampler's random zoom."""
+        return float(self.p["p_zoom"]), float(self.p["zoom"])
 
     def __call__(self, batch: Batch) -> Batch:
         image, target, weight = batch.image, batch.target, batch.weight

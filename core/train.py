@@ -695,7 +695,7 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
     sampler = PatchSampler(train_vols, patch, rng=np_rng,
                            foreground_probability=cfg.foreground_probability,
                            rotate90=augmenter.rotate90,
-                           swap_on_rotate=wall_yx_channels(target))
+                           swap_on_rotate=wall_yx_channels(target), zoom=augmenter.zoom)
     val_batches = validation_patches(val_vols, patch, divisor=divisor,
                                      per_volume=cfg.validation.patches_per_volume,
                                      seed=seed, foreground_probability=cfg.foreground_probability)

@@ -155,6 +155,41 @@ def test_elastic_deformation_keeps_shapes_and_binary_targets():
     assert float(out.target.sum()) > 0 and not torch.equal(out.target, tgt)
 
 
+def _stripe_period(row: np.ndarray) -> float:
+    """Mean distance (voxels) between the rising edges of a 0/1 profile."""
+    edges = np.flatnonzero(np.diff((row > 0.5).astype(int)) == 1)
+    return float(np.diff(edges).mean())
+
+
+def test_zoom_shows_cells_smaller_and_larger_with_image_and_targets_aligned():
+    # walls every 12 voxels along X: zoomed patches show them closer or further apart
+    shape = (16, 64, 480)
+    labels = (np.arange(shape[2]) // 12 + 1)[None, None, :].repeat(16, 0).repeat(64, 1)
+    labels = labels.astype(np.uint16)
+    vol = volume_from_arrays(labels.astype(np.float32), labels, target="boundaries",
+                             normalised=True)
+    vol.targets = (labels % 2).astype(np.uint8)[None]  # alternate cells: target == image parity
+    vol.image = vol.targets[0].astype(np.float32)
+    size = (8, 16, 96)
+    plain = PatchSampler([vol], size, rng=np.random.default_rng(4), rotate90=False)
+    zoomed = PatchSampler([vol], size, rng=np.random.default_rng(4), rotate90=False,
+                          zoom=(1.0, 1.4))
+    periods = []
+    for _ in range(40):
+        img, tgt, _, _ = zoomed.sample()
+        assert img.shape == (1,) + size and tgt.shape == (1,) + size
+        assert np.allclose(img[0], tgt[0])          # the image and its targets move together
+        periods.append(_stripe_period(img[0, 4, 8]))
+    assert _stripe_period(plain.sample()[0][0, 4, 8]) == pytest.approx(24.0)
+    assert min(periods) < 24 * 0.85 and max(periods) > 24 * 1.15   # smaller and larger cells
+    assert 24 / 1.45 <= min(periods) and max(periods) <= 24 * 1.45  # within the factor
+    # the training config names the setting and refuses a nonsense factor
+    assert Augmenter(AugmentConfig(zoom=1.4)).zoom == (pytest.approx(0.3), 1.4)
+    assert Augmenter(AugmentConfig()).zoom == (0.0, 1.0)
+    with pytest.raises(ConfigError, match="augment.zoom"):
+        Augmenter(AugmentConfig(zoom=0.5))
+
+
 def test_auto_patch_size_fits_model_volumes_memory_and_anisotropy():
     cfg = preset_config("small", target="both", voxel_size_um=(1.0, 0.25, 0.25))
     div = required_divisor(cfg)
