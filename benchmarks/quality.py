@@ -226,18 +226,28 @@ def make_data(args, out: Path) -> Dict[str, Any]:
         train_pairs += _synth(data / "train", f"train{i}_{level}{tag}", args.train_seed + i,
                               SynthParams.for_difficulty(level, cells_around=around),
                               args.shape)
-    tests = []
-    for k, level in enumerate(args.levels):
-        over = {"cells_around": args.cells_around, **TEST_LEVELS[level]}
-        params = SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
-        for j in range(args.n_test):
-            (r, l), = _synth(data / "test", f"test_{level}_{j}", args.test_seed + 10 * k + j,
-                             params, args.shape)
-            tests.append((f"{level} {j}", r, l))
+    tests = test_stacks(data / "test", args.test_seed, args.levels, args.n_test,
+                        args.cells_around, args.shape)
     small = _synth(data / "train", "val_small", args.train_seed + 50,
                    SynthParams.for_difficulty("medium", cells_around=16.0), args.shape)
     return {"train": train_pairs[:-1], "val": train_pairs[-1], "tune": [train_pairs[-1]] + small,
             "tests": tests}
+
+
+def test_stacks(folder: Path, seed: int, levels: Sequence[str], n_test: int,
+                cells_around: float, shape) -> List[Tuple[str, Path, Path]]:
+    """The held-out synthetic stacks of one seed: ``n_test`` per level (TEST_LEVELS),
+    stack j of level k from seed ``seed + 10 k + j``; written once into ``folder``.
+    Returns (name "level j", raw path, labels path) per stack. Seed 900 holds the
+    test stacks of docs/accuracy.md; 700 and 800 the development stacks."""
+    tests = []
+    for k, level in enumerate(levels):
+        over = {"cells_around": cells_around, **TEST_LEVELS[level]}
+        params = SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
+        for j in range(n_test):
+            (r, l), = _synth(folder, f"test_{level}_{j}", seed + 10 * k + j, params, shape)
+            tests.append((f"{level} {j}", r, l))
+    return tests
 
 
 def _synth(folder: Path, prefix: str, seed: int, params: SynthParams, shape) -> List[Tuple[Path, Path]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import h5py
@@ -105,3 +106,26 @@ def test_every_variant_is_a_valid_training_config(quality, tmp_path):
     assert cfg.optimizer.lr == 0.0025 and init is None
     cfg, init = quality.variant_config("finetune_bundled", data, 15.0, seed=0)
     assert init.name == "default.pt" and tuple(cfg.data.target_voxel_size_um) == (1.0, 1.0, 1.0)
+
+
+def test_models_are_scored_with_the_shipped_defaults_on_one_seeds_stacks(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "score_shipped", REPO / "benchmarks" / "score_shipped.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = REPO / "resources" / "models" / "default.pt"
+    module.main([str(model), "--seeds", "700", "--levels", "medium,hard", "--n-test", "1",
+                 "--shape", "16,64,64", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "seed 700 medium 0" in printed and "seed 700 hard 0" in printed
+    assert "seed 700 MEAN" in printed and "AP50 - ARE" in printed
+    saved = json.loads((tmp_path / "score_default_700.json").read_text())
+    assert [r["stack"] for r in saved["rows"]] == ["medium 0", "hard 0"]
+    assert 0.0 <= saved["mean"]["AP50"] <= 1.0 and saved["mean"]["cell IoU"] > 0.5
+    # the stacks are quality.py's held-out stacks of that seed: level k, stack j from seed + 10 k + j
+    stacks = module.quality.test_stacks(tmp_path / "data" / "seed700", 700, ["medium", "hard"], 1,
+                                        11.0, (16, 64, 64))
+    assert [name for name, _, _ in stacks] == ["medium 0", "hard 0"]
+    assert all(r.is_file() and l.is_file() for _, r, l in stacks)
+    with pytest.raises(SystemExit):
+        module.main([str(tmp_path / "missing.pt")])

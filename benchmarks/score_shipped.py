@@ -1,0 +1,96 @@
+"""Score trained models with the shipped prediction defaults on held-out synthetic stacks.
+
+What docs/accuracy.md's steps 15-18 compare: each model predicts the six
+held-out stacks of a seed (``quality.test_stacks``: two per level, medium,
+hard and shifted) with ``episeg predict``'s defaults, nothing tuned, and the
+cells are scored against the ground truth. Seeds 700 and 800 are the
+development sets on which choices are made; 900 holds the test stacks, scored
+once after a choice. Prints one line per stack and the mean per model, and
+writes ``--out/score_<model>_<seed>[_tta].json``.
+
+Examples (from the repository root)::
+
+    .venv/bin/python benchmarks/score_shipped.py /tmp/q/models/synthetic_default.pt --seeds 700,800
+    .venv/bin/python benchmarks/score_shipped.py A.pt B.pt --seeds 900 --tta
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("quality", HERE / "quality.py")
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)  # also puts the repository on sys.path
+
+#: (column, key in quality's metrics) printed per stack and averaged
+COLUMNS = (("AP50", "ap50"), ("ARE", "adapted_rand_error"), ("wrongCells", "wrong_cells_share"),
+           ("cell IoU", "cell_iou"), ("VOI split", "voi_split"), ("VOI merge", "voi_merge"),
+           ("predict s", "predict_seconds"))
+
+
+def score(models: Sequence[Path], seeds: Sequence[int], out: Path, *, tta: bool = False,
+          levels: Sequence[str] = tuple(quality.TEST_LEVELS), n_test: int = 2,
+          cells_around: float = 11.0, shape=(64, 256, 256)) -> Dict[str, Any]:
+    """Mean and per-stack figures of every model on every seed's stacks:
+    {model name: {seed: {"rows": [...], "mean": {column: value}}}}."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Any] = {}
+    for seed in seeds:
+        tests = quality.test_stacks(out / "data" / f"seed{seed}", seed, levels, n_test,
+                                    cells_around, shape)
+        for model in models:
+            cells_dir = out / "cells" / f"{model.stem}_{seed}{'_tta' if tta else ''}"
+            cells_dir.mkdir(parents=True, exist_ok=True)
+            rows = quality.score_model(model, tests, {}, tta, cells_dir)
+            mean = {col: float(np.mean([r[key] for r in rows])) for col, key in COLUMNS}
+            for r in rows:
+                print(f"{model.stem} seed {seed} {r['stack']:10s} " + _line(r), flush=True)
+            print(f"{model.stem} seed {seed} MEAN       " + _line(mean, by_column=True)
+                  + f"  AP50 - ARE {mean['AP50'] - mean['ARE']:.4f}", flush=True)
+            entry = {"model": str(model), "seed": seed, "tta": tta,
+                     "rows": [{k: r[k] for k in ["stack"] + [key for _, key in COLUMNS]}
+                              for r in rows], "mean": mean}
+            name = f"score_{model.stem}_{seed}{'_tta' if tta else ''}.json"
+            (out / name).write_text(json.dumps(entry, indent=2, default=float))
+            results.setdefault(model.stem, {})[seed] = entry
+    return results
+
+
+def _line(row: Dict[str, Any], by_column: bool = False) -> str:
+    parts = []
+    for col, key in COLUMNS:
+        v = row[col if by_column else key]
+        parts.append(f"{col} {100 * v:.1f} %" if col == "wrongCells" else f"{col} {v:.3f}")
+    return ", ".join(parts)
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", type=Path, nargs="+", help="model files (.pt)")
+    ap.add_argument("--seeds", default="700,800",
+                    help="held-out stack seeds, comma-separated (700, 800: development; 900: test)")
+    ap.add_argument("--tta", action="store_true", help="predict with the 8 flips (episeg predict --tta)")
+    ap.add_argument("--out", type=Path, default=Path("benchmark_scores"),
+                    help="folder for the stacks (made once), the cells and the JSON files")
+    ap.add_argument("--levels", default=",".join(quality.TEST_LEVELS))
+    ap.add_argument("--n-test", type=int, default=2, help="stacks per level")
+    ap.add_argument("--shape", type=quality._shape, default=(64, 256, 256))
+    args = ap.parse_args(argv)
+    missing = [str(m) for m in args.models if not m.is_file()]
+    if missing:
+        ap.error(f"no such model file: {', '.join(missing)}")
+    score(args.models, [int(s) for s in args.seeds.split(",")], args.out, tta=args.tta,
+          levels=args.levels.split(","), n_test=args.n_test, shape=args.shape)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
