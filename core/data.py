@@ -657,34 +657,26 @@ AugmentLevel = Literal["off", "flips", "light", "default", "strong"]
 
 #: Strength of each augmentation level. gamma: log-gamma range; contrast:
 #: factor range; noise: max std relative to the patch std; p_*: probabilities
-#: per patch; elastic: max displacement (voxels) and probability; zoom: largest
-#: resize factor of a patch (drawn from a region up to that much larger or
-#: smaller, so cells look smaller or larger; 1 = off).
-_NO_ZOOM = dict(p_zoom=0.0, zoom=1.0)
-#: share of the patches zoomed when ``augment.zoom`` is set
-ZOOM_PROBABILITY = 0.3
+#: per patch; elastic: max displacement (voxels) and probability. Random zoom
+#: is no level's: ``augment.zoom`` turns it on (docs/accuracy.md, step 18).
 LEVELS: Dict[str, Dict[str, Any]] = {
     "off": dict(flip=False, rot90=False, p_gamma=0.0, gamma=0.0, p_contrast=0.0,
-                contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0,
-                **_NO_ZOOM),
+                contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0),
     "flips": dict(flip=True, rot90=False, p_gamma=0.0, gamma=0.0, p_contrast=0.0,
-                  contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0,
-                  **_NO_ZOOM),
+                  contrast=(1.0, 1.0), p_noise=0.0, noise=0.0, p_elastic=0.0, elastic=0.0),
     "light": dict(flip=True, rot90=True, p_gamma=0.3, gamma=0.15, p_contrast=0.3,
-                  contrast=(0.85, 1.15), p_noise=0.2, noise=0.05, p_elastic=0.0, elastic=2.0,
-                  **_NO_ZOOM),
+                  contrast=(0.85, 1.15), p_noise=0.2, noise=0.05, p_elastic=0.0, elastic=2.0),
     "default": dict(flip=True, rot90=True, p_gamma=0.5, gamma=0.3, p_contrast=0.5,
-                    contrast=(0.7, 1.3), p_noise=0.3, noise=0.1, p_elastic=0.0, elastic=3.0,
-                    **_NO_ZOOM),
+                    contrast=(0.7, 1.3), p_noise=0.3, noise=0.1, p_elastic=0.0, elastic=3.0),
     "strong": dict(flip=True, rot90=True, p_gamma=0.7, gamma=0.5, p_contrast=0.7,
-                   contrast=(0.5, 1.5), p_noise=0.5, noise=0.2, p_elastic=0.3, elastic=4.0,
-                   **_NO_ZOOM),
+                   contrast=(0.5, 1.5), p_noise=0.5, noise=0.2, p_elastic=0.3, elastic=4.0),
 }
 
 
 @dataclass
 class AugmentConfig:
-    """Augmentation strength (see :data:`LEVELS`); ``elastic`` overrides the level's choice."""
+    """Augmentation strength (see :data:`LEVELS`); ``elastic`` overrides the level's choice;
+    ``zoom`` adds random zoom (no level has it)."""
 
     level: AugmentLevel = field(default="default", metadata={
         "help": "off; flips (random flips on 3 axes only, the thesis' choice); light, default "
@@ -693,9 +685,13 @@ class AugmentConfig:
     elastic: Optional[bool] = field(default=None, metadata={
         "help": "Elastic deformation (torchio, CPU, slow); null = as the level says."})
     zoom: Optional[float] = field(default=None, metadata={
-        "help": "Largest zoom factor, e.g. 1.4: a third of the patches are cut from a region "
+        "help": "Largest zoom factor, e.g. 1.4: 30 % of the patches are cut from a region "
                 "up to this factor larger or smaller and resized to the patch, so the network "
-                "also sees smaller and larger cells (1 = off; null = as the level says)."})
+                "also sees smaller and larger cells (null or 1: off)."})
+
+
+#: share of the patches zoomed when ``augment.zoom`` is above 1
+ZOOM_PROBABILITY = 0.3
 
 
 class Augmenter:
@@ -716,12 +712,12 @@ class Augmenter:
         if self.config.elastic is not None:
             self.p["p_elastic"] = (0.3 if self.config.elastic else 0.0)
             self.p["elastic"] = self.p["elastic"] or 3.0
-        if self.config.zoom is not None:
-            if not 1.0 <= float(self.config.zoom) <= 2.0:
-                raise ConfigError(f"augment.zoom = {self.config.zoom}: use a factor from 1 (off) "
-                                  "to 2, e.g. 1.4.")
-            self.p["zoom"] = float(self.config.zoom)
-            self.p["p_zoom"] = ZOOM_PROBABILITY if self.p["zoom"] > 1.0 else 0.0
+        zoom = 1.0 if self.config.zoom is None else float(self.config.zoom)
+        if not 1.0 <= zoom <= 2.0:
+            raise ConfigError(f"augment.zoom = {self.config.zoom}: use a factor from 1 (off) "
+                              "to 2, e.g. 1.4.")
+        #: (probability per patch, largest factor) of the sampler's random zoom
+        self.zoom = (ZOOM_PROBABILITY if zoom > 1.0 else 0.0, zoom)
         self.flips = None
         if self.p["flip"]:
             self.flips = K.AugmentationSequential(
@@ -732,11 +728,6 @@ class Augmenter:
     def rotate90(self) -> bool:
         """Whether the sampler should apply random 90-degree XY rotations."""
         return bool(self.p["rot90"])
-
-    @property
-    def zoom(self) -> Tuple[float, float]:
-        """(probability per patch, largest factor) of the sampler's random zoom."""
-        return float(self.p["p_zoom"]), float(self.p["zoom"])
 
     def __call__(self, batch: Batch) -> Batch:
         image, target, weight = batch.image, batch.target, batch.weight
