@@ -48,6 +48,7 @@ class PredictTab(QWidget):
         self.format.addItems(["tif", "mat", "h5"])
         self.format.setToolTip("tif: Fiji / ImageJ; mat: MATLAB; h5: HDF5")
         self.tta = QCheckBox("Test-time augmentation (average over flips; slower)")
+        self.tta.setToolTip(PredictConfig.__dataclass_fields__["tta"].metadata["help"])
         self.flags = QCheckBox("Rank the cells most likely wrong (flags)")
         self.flags.setChecked(True)
         self.probabilities = QCheckBox("Also save the probability maps")

@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--no-flags", dest="flags", action="store_false", default=None,
                    help="do not write STEM_cells_flags.csv (the cells most likely wrong, ranked)")
     p.add_argument("--tta", action="store_true", default=None,
-                   help="average over flips (test-time augmentation)")
+                   help="average the network over the 8 flips (test-time augmentation): "
+                        "walls a little more exact, ~2.3x the prediction time on a CPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the network")
     p.add_argument("--tile-shape", type=voxels, metavar="Z,Y,X", help="tile size in voxels")
     p.add_argument("--batch-size", type=int, help="tiles per forward pass")
