@@ -68,7 +68,7 @@ from core.flags import (cell_flags, face_sliver_merges, flag_precision,  # noqa:
 from core.io import read_labels, read_volume, write_volume  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.pipeline import PredictConfig, segment_stack  # noqa: E402
-from core.segment import SegmentParams, cells_from_channels  # noqa: E402
+from core.segment import SegmentParams, cell_and_boundary, cells_from_channels  # noqa: E402
 from core.synth import SynthParams, write_synthetic_dataset  # noqa: E402
 from core.train import TrainConfig, train  # noqa: E402
 from core.volume import Volume  # noqa: E402
@@ -196,7 +196,8 @@ def _metrics(gt: np.ndarray, labels: np.ndarray, probs: Optional[Dict[str, np.nd
     m = res.to_dict()
     m["wrong_cells_share"] = m["wrong_cells"] / max(1, m["n_gt_cells"])
     if probs is not None:
-        rows = cell_flags(labels, probs.get("boundary"), probs.get("cell"), voxel_size=voxel_size)
+        cell_prob, boundary_prob = cell_and_boundary(probs)
+        rows = cell_flags(labels, boundary_prob, cell_prob, voxel_size=voxel_size)
         wrong = wrong_predicted_cells(res.cells)
         fp = flag_precision(rows, wrong, ks=(10, 20),
                             face_slivers=face_sliver_merges(gt, labels, wrong, table=res.table,
