@@ -120,6 +120,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # and resized, so cells and voxels of other sizes are seen (nnU-Net's range)
     "zoom_1.4": {"augment": {"zoom": 1.4}},
     "robust": {"data": {"normalisation": {"mode": "robust"}}},
+    "percentile": {"data": {"normalisation": {"mode": "percentile"}}},  # step 19
     "ema": {"ema_decay": 0.99},
     "ema_0.998": {"ema_decay": 0.998},  # the average over ~500 steps instead of ~100
     "no_ema": {"ema_decay": 0.0},
@@ -171,6 +172,25 @@ TEST_LEVELS: Dict[str, Dict[str, Any]] = {
     "hard": {"difficulty": "hard"},
     "shifted": {"voxel_size_um": (0.8, 0.25, 0.25), "cells_around": 16.0, "photons": 20.0,
                 "psf_sigma_um": (1.2, 0.35, 0.35)},
+}
+
+#: Generalisation stress stacks (docs/accuracy.md step 19): conditions no
+#: training, tuning or test stack of this benchmark has, one stack each, with
+#: its shape (z, y, x) in voxels. Everything not named is the medium level.
+STRESS_CONDITIONS: Dict[str, Dict[str, Any]] = {
+    "fine voxels": {"shape": (96, 320, 320), "voxel_size_um": (0.5, 0.2, 0.2),
+                    "psf_sigma_um": (1.0, 0.3, 0.3)},
+    "coarse z": {"shape": (32, 256, 256), "voxel_size_um": (2.0, 0.3, 0.3)},
+    "coarse xy": {"shape": (64, 160, 160), "voxel_size_um": (1.0, 0.45, 0.45),
+                  "psf_sigma_um": (1.5, 0.5, 0.5)},
+    "very noisy": {"shape": (64, 256, 256), "photons": 5.0, "read_noise_adu": 6.0},
+    "easy optics": {"shape": (64, 256, 256), "difficulty": "easy"},
+    "odd shape": {"shape": (50, 203, 230)},
+    # a tube wider than the stack: tissue only near the top and bottom, lumen between
+    "wide lumen": {"shape": (64, 256, 256), "tube_outer_radius_um": 60.0,
+                   "tube_inner_radius_um": 45.0, "cell_diameter_um": 13.0},
+    # a 16-slice slab through a tube of the usual size (cells ~13 um wide)
+    "thin stack": {"shape": (16, 256, 256), "tube_outer_radius_um": 30.0},
 }
 
 
@@ -249,6 +269,29 @@ def test_stacks(folder: Path, seed: int, levels: Sequence[str], n_test: int,
             (r, l), = _synth(folder, f"test_{level}_{j}", seed + 10 * k + j, params, shape)
             tests.append((f"{level} {j}", r, l))
     return tests
+
+
+def stress_stacks(folder: Path, seed: int, names: Sequence[str] = tuple(STRESS_CONDITIONS),
+                  shape=None) -> List[Tuple[str, Path, Path]]:
+    """One stack per STRESS_CONDITIONS entry, condition k from seed ``seed + k``
+    (k its place in STRESS_CONDITIONS), written once into ``folder``; ``shape``
+    replaces every condition's shape (small stacks for tests). Returns (name,
+    raw path, labels path) per stack."""
+    unknown = [n for n in names if n not in STRESS_CONDITIONS]
+    if unknown:
+        raise ValueError(f"Unknown stress condition(s) {unknown}; choose from "
+                         f"{', '.join(STRESS_CONDITIONS)}.")
+    stacks = []
+    for k, name in enumerate(STRESS_CONDITIONS):
+        if name not in names:
+            continue
+        over = dict(STRESS_CONDITIONS[name])
+        size = tuple(shape or over.pop("shape"))
+        over.pop("shape", None)
+        params = SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
+        (r, l), = _synth(folder, f"stress_{name.replace(' ', '_')}", seed + k, params, size)
+        stacks.append((name, r, l))
+    return stacks
 
 
 def _synth(folder: Path, prefix: str, seed: int, params: SynthParams, shape) -> List[Tuple[Path, Path]]:

@@ -8,10 +8,16 @@ development sets on which choices are made; 900 holds the test stacks, scored
 once after a choice. Prints one line per stack and the mean per model, and
 writes ``--out/score_<model>_<seed>[_tta].json``.
 
+With ``--stress`` the stacks are quality.py's generalisation stress stacks
+instead (``quality.STRESS_CONDITIONS``, one per condition: other voxel sizes,
+noise, optics, shapes, a wide lumen, a thin stack; docs/accuracy.md step 19),
+and the JSON is ``score_<model>_stress<seed>[_tta].json``.
+
 Examples (from the repository root)::
 
     .venv/bin/python benchmarks/score_shipped.py /tmp/q/models/synthetic_default.pt --seeds 700,800
     .venv/bin/python benchmarks/score_shipped.py A.pt B.pt --seeds 900 --tta
+    .venv/bin/python benchmarks/score_shipped.py A.pt --stress --seeds 5000
 """
 
 from __future__ import annotations
@@ -38,16 +44,23 @@ COLUMNS = (("AP50", "ap50"), ("ARE", "adapted_rand_error"), ("wrongCells", "wron
 
 def score(models: Sequence[Path], seeds: Sequence[int], out: Path, *, tta: bool = False,
           levels: Sequence[str] = tuple(quality.TEST_LEVELS), n_test: int = 2,
-          cells_around: float = 11.0, shape=(64, 256, 256)) -> Dict[str, Any]:
+          cells_around: float = 11.0, shape=None,
+          stress: Sequence[str] = ()) -> Dict[str, Any]:
     """Mean and per-stack figures of every model on every seed's stacks:
-    {model name: {seed: {"rows": [...], "mean": {column: value}}}}."""
+    {model name: {seed: {"rows": [...], "mean": {column: value}}}}. ``stress``:
+    names of quality.STRESS_CONDITIONS to score instead of the test levels
+    (each at its own shape unless ``shape`` is given)."""
     out.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {}
     for seed in seeds:
-        tests = quality.test_stacks(out / "data" / f"seed{seed}", seed, levels, n_test,
-                                    cells_around, shape)
+        if stress:
+            tests = quality.stress_stacks(out / "data" / f"stress{seed}", seed, stress, shape)
+        else:
+            tests = quality.test_stacks(out / "data" / f"seed{seed}", seed, levels, n_test,
+                                        cells_around, shape or (64, 256, 256))
+        tag = f"{'stress' if stress else ''}{seed}{'_tta' if tta else ''}"
         for model in models:
-            cells_dir = out / "cells" / f"{model.stem}_{seed}{'_tta' if tta else ''}"
+            cells_dir = out / "cells" / f"{model.stem}_{tag}"
             cells_dir.mkdir(parents=True, exist_ok=True)
             rows = quality.score_model(model, tests, {}, tta, cells_dir)
             mean = {col: float(np.mean([r[key] for r in rows])) for col, key in COLUMNS}
@@ -58,7 +71,7 @@ def score(models: Sequence[Path], seeds: Sequence[int], out: Path, *, tta: bool 
             entry = {"model": str(model), "seed": seed, "tta": tta,
                      "rows": [{k: r[k] for k in ["stack"] + [key for _, key in COLUMNS]}
                               for r in rows], "mean": mean}
-            name = f"score_{model.stem}_{seed}{'_tta' if tta else ''}.json"
+            name = f"score_{model.stem}_{tag}.json"
             (out / name).write_text(json.dumps(entry, indent=2, default=float))
             results.setdefault(model.stem, {})[seed] = entry
     return results
@@ -82,13 +95,18 @@ def main(argv: List[str] = None) -> int:
                     help="folder for the stacks (made once), the cells and the JSON files")
     ap.add_argument("--levels", default=",".join(quality.TEST_LEVELS))
     ap.add_argument("--n-test", type=int, default=2, help="stacks per level")
-    ap.add_argument("--shape", type=quality._shape, default=(64, 256, 256))
+    ap.add_argument("--shape", type=quality._shape, default=None,
+                    help="stack shape z,y,x (default 64,256,256; with --stress each condition's own)")
+    ap.add_argument("--stress", nargs="?", const=",".join(quality.STRESS_CONDITIONS), default="",
+                    help="score the generalisation stress stacks instead (optionally: which "
+                         f"conditions, comma-separated: {', '.join(quality.STRESS_CONDITIONS)})")
     args = ap.parse_args(argv)
     missing = [str(m) for m in args.models if not m.is_file()]
     if missing:
         ap.error(f"no such model file: {', '.join(missing)}")
     score(args.models, [int(s) for s in args.seeds.split(",")], args.out, tta=args.tta,
-          levels=args.levels.split(","), n_test=args.n_test, shape=args.shape)
+          levels=args.levels.split(","), n_test=args.n_test, shape=args.shape,
+          stress=[n.strip() for n in args.stress.split(",") if n.strip()])
     return 0
 
 

@@ -129,3 +129,32 @@ def test_models_are_scored_with_the_shipped_defaults_on_one_seeds_stacks(tmp_pat
     assert all(r.is_file() and l.is_file() for _, r, l in stacks)
     with pytest.raises(SystemExit):
         module.main([str(tmp_path / "missing.pt")])
+
+
+def test_stress_stacks_differ_from_the_benchmark_and_are_scored_by_name(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "score_shipped", REPO / "benchmarks" / "score_shipped.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    quality = module.quality
+    from core.io import read_volume
+
+    stacks = quality.stress_stacks(tmp_path / "s", 5000, ["coarse z", "easy optics"],
+                                   shape=(16, 64, 64))
+    assert [n for n, _, _ in stacks] == ["coarse z", "easy optics"]
+    assert tuple(read_volume(stacks[0][1]).voxel_size) == (2.0, 0.3, 0.3)
+    assert tuple(read_volume(stacks[1][1]).voxel_size) == (1.0, 0.3, 0.3)
+    # every condition differs from the benchmark's own levels in at least one parameter
+    for name, cond in quality.STRESS_CONDITIONS.items():
+        assert cond["shape"] != (64, 256, 256) or len(cond) > 1, name
+    with pytest.raises(ValueError, match="no such"):
+        quality.stress_stacks(tmp_path / "s", 5000, ["no such"])
+
+    model = REPO / "resources" / "models" / "default.pt"
+    module.main([str(model), "--stress", "coarse z,easy optics", "--seeds", "5000",
+                 "--shape", "16,64,64", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "seed 5000 coarse z" in printed and "seed 5000 easy optics" in printed
+    saved = json.loads((tmp_path / "score_default_stress5000.json").read_text())
+    assert [r["stack"] for r in saved["rows"]] == ["coarse z", "easy optics"]
+    assert saved["mean"]["cell IoU"] > 0.5
