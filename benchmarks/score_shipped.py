@@ -104,9 +104,14 @@ def main(argv: List[str] = None) -> int:
     missing = [str(m) for m in args.models if not m.is_file()]
     if missing:
         ap.error(f"no such model file: {', '.join(missing)}")
+    stress = [n.strip() for n in args.stress.split(",") if n.strip()]
+    unknown = [n for n in stress if n not in quality.STRESS_CONDITIONS]
+    if unknown:
+        ap.error(f"unknown stress condition(s) {', '.join(unknown)}; choose from "
+                 f"{', '.join(quality.STRESS_CONDITIONS)}")
     score(args.models, [int(s) for s in args.seeds.split(",")], args.out, tta=args.tta,
           levels=args.levels.split(","), n_test=args.n_test, shape=args.shape,
-          stress=[n.strip() for n in args.stress.split(",") if n.strip()])
+          stress=stress)
     return 0
 
 

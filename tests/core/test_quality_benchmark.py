@@ -158,3 +158,6 @@ def test_stress_stacks_differ_from_the_benchmark_and_are_scored_by_name(tmp_path
     saved = json.loads((tmp_path / "score_default_stress5000.json").read_text())
     assert [r["stack"] for r in saved["rows"]] == ["coarse z", "easy optics"]
     assert saved["mean"]["cell IoU"] > 0.5
+    with pytest.raises(SystemExit):  # a misspelt condition is refused before any work
+        module.main([str(model), "--stress", "coarse zz"])
+    assert "unknown stress condition(s) coarse zz" in capsys.readouterr().err
