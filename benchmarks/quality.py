@@ -263,8 +263,7 @@ def test_stacks(folder: Path, seed: int, levels: Sequence[str], n_test: int,
     test stacks of docs/accuracy.md; 700 and 800 the development stacks."""
     tests = []
     for k, level in enumerate(levels):
-        over = {"cells_around": cells_around, **TEST_LEVELS[level]}
-        params = SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
+        params = _params({"cells_around": cells_around, **TEST_LEVELS[level]})
         for j in range(n_test):
             (r, l), = _synth(folder, f"test_{level}_{j}", seed + 10 * k + j, params, shape)
             tests.append((f"{level} {j}", r, l))
@@ -286,12 +285,18 @@ def stress_stacks(folder: Path, seed: int, names: Sequence[str] = tuple(STRESS_C
         if name not in names:
             continue
         over = dict(STRESS_CONDITIONS[name])
-        size = tuple(shape or over.pop("shape"))
-        over.pop("shape", None)
-        params = SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
+        size = tuple(shape or over["shape"])
+        params = _params({k: v for k, v in over.items() if k != "shape"})
         (r, l), = _synth(folder, f"stress_{name.replace(' ', '_')}", seed + k, params, size)
         stacks.append((name, r, l))
     return stacks
+
+
+def _params(over: Dict[str, Any]) -> SynthParams:
+    """SynthParams of a level or condition: its "difficulty" preset (medium when
+    absent) with the other entries as overrides."""
+    over = dict(over)
+    return SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
 
 
 def _synth(folder: Path, prefix: str, seed: int, params: SynthParams, shape) -> List[Tuple[Path, Path]]:
