@@ -284,9 +284,9 @@ def stress_stacks(folder: Path, seed: int, names: Sequence[str] = tuple(STRESS_C
     for k, name in enumerate(STRESS_CONDITIONS):
         if name not in names:
             continue
-        over = dict(STRESS_CONDITIONS[name])
-        size = tuple(shape or over["shape"])
-        params = _params({k: v for k, v in over.items() if k != "shape"})
+        cond = STRESS_CONDITIONS[name]
+        size = tuple(shape or cond["shape"])
+        params = _params({key: v for key, v in cond.items() if key != "shape"})
         (r, l), = _synth(folder, f"stress_{name.replace(' ', '_')}", seed + k, params, size)
         stacks.append((name, r, l))
     return stacks
