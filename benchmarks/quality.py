@@ -191,7 +191,20 @@ STRESS_CONDITIONS: Dict[str, Dict[str, Any]] = {
                    "tube_inner_radius_um": 45.0, "cell_diameter_um": 13.0},
     # a 16-slice slab through a tube of the usual size (cells ~13 um wide)
     "thin stack": {"shape": (16, 256, 256), "tube_outer_radius_um": 30.0},
+    # a tube thinner than the stack is deep: its lumen (5-8 um) narrower than a cell
+    "narrow lumen": {"shape": (64, 256, 256), "tube_outer_radius_um": 14.0,
+                     "cell_diameter_um": 13.0},
 }
+
+
+#: Cell width (um) of training stacks whose tube radius is given (--train-tubes):
+#: the typical width in the stacks whose tube fits the stack (cells_around 11).
+TUBE_CELL_UM = 13.0
+
+
+def _tubes(text: str) -> List[Optional[float]]:
+    """--train-tubes: outer tube radii in um, or "fit" (the tube fits the stack)."""
+    return [None if v.strip() == "fit" else float(v) for v in text.split(",")]
 
 
 def _shape(text: str) -> Tuple[int, int, int]:
@@ -240,13 +253,18 @@ def make_data(args, out: Path) -> Dict[str, Any]:
     data = out / "data"
     train_pairs = []
     sizes = args.train_cells_around or [args.cells_around]
-    for i in range(args.n_train + 1):  # difficulty levels (and cell sizes) take turns
+    tubes = getattr(args, "train_tubes", None) or [None]
+    for i in range(args.n_train + 1):  # difficulty levels, cell and tube sizes take turns
         level = args.train_difficulties[i % len(args.train_difficulties)]
         around = sizes[i % len(sizes)] if i < args.n_train else args.cells_around
         tag = f"_c{around:g}" if args.train_cells_around and i < args.n_train else ""
+        over: Dict[str, Any] = {"cells_around": around}
+        tube = tubes[i % len(tubes)] if i < args.n_train else None
+        if tube is not None:
+            over.update(tube_outer_radius_um=tube, cell_diameter_um=TUBE_CELL_UM)
+            tag += f"_r{tube:g}"
         train_pairs += _synth(data / "train", f"train{i}_{level}{tag}", args.train_seed + i,
-                              SynthParams.for_difficulty(level, cells_around=around),
-                              args.shape)
+                              SynthParams.for_difficulty(level, **over), args.shape)
     tests = test_stacks(data / "test", args.test_seed, args.levels, args.n_test,
                         args.cells_around, args.shape)
     small = _synth(data / "train", "val_small", args.train_seed + 50,
@@ -606,6 +624,10 @@ def main(argv=None) -> int:
                     help="cell sizes the training stacks take in turn (cells around the tube, "
                          "e.g. 9,11,14,16); default: --cells-around for all. The validation "
                          "and test stacks do not change.")
+    ap.add_argument("--train-tubes", type=_tubes, default=None,
+                    help="outer tube radii (um) the training stacks take in turn, or 'fit' "
+                         "(the tube fits the stack), e.g. fit,16,fit,22; a given radius comes "
+                         f"with {TUBE_CELL_UM:g} um cells. Default: fit for all.")
     ap.add_argument("--train-difficulties", type=lambda s: s.split(","), default=["medium", "hard"],
                     help="difficulty levels the training stacks take in turn")
     ap.add_argument("--train-seed", type=int, default=100)
@@ -624,6 +646,9 @@ def main(argv=None) -> int:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     args.data_tag = ("_mixed" + "-".join(f"{v:g}" for v in args.train_cells_around)
                      if args.train_cells_around else "")
+    if args.train_tubes:
+        args.data_tag += "_tubes" + "-".join("fit" if r is None else f"{r:g}"
+                                             for r in args.train_tubes)
     args.out.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {"settings": {k: (list(v) if isinstance(v, tuple) else str(v)
                                                if isinstance(v, Path) else v)

@@ -10,8 +10,8 @@ writes ``--out/score_<model>_<seed>[_tta].json``.
 
 With ``--stress`` the stacks are quality.py's generalisation stress stacks
 instead (``quality.STRESS_CONDITIONS``, one per condition: other voxel sizes,
-noise, optics, shapes, a wide lumen, a thin stack; docs/accuracy.md step 19),
-and the JSON is ``score_<model>_stress<seed>[_tta].json``.
+noise, optics, shapes, a wide or narrow lumen, a thin stack; docs/accuracy.md
+steps 19 and 20), and the JSON is ``score_<model>_stress<seed>[_tta].json``.
 
 Examples (from the repository root)::
 

@@ -161,3 +161,24 @@ def test_stress_stacks_differ_from_the_benchmark_and_are_scored_by_name(tmp_path
     with pytest.raises(SystemExit):  # a misspelt condition is refused before any work
         module.main([str(model), "--stress", "coarse zz"])
     assert "unknown stress condition(s) coarse zz" in capsys.readouterr().err
+
+
+def test_training_stacks_can_take_tube_sizes_in_turn(quality, tmp_path):
+    from types import SimpleNamespace
+
+    from core.io import read_labels
+
+    assert quality._tubes("fit,16,fit,22.5") == [None, 16.0, None, 22.5]
+    args = SimpleNamespace(n_train=2, train_difficulties=["medium"], train_cells_around=None,
+                           cells_around=11.0, train_tubes=[None, 6.0], train_seed=100,
+                           shape=(32, 96, 96), levels=["medium"], n_test=1, test_seed=900)
+    data = quality.make_data(args, tmp_path)
+    (fit_raw, fit_lab), (thin_raw, thin_lab) = data["train"]
+    assert (fit_raw.name, thin_raw.name) == ("train0_medium_000_raw.tif",
+                                             "train1_medium_r6_000_raw.tif")
+    # a tube of 6 um radius in a stack ~30 um deep holds far less tissue than a fitted one
+    share = [float(np.mean(read_labels(p).data > 0)) for p in (fit_lab, thin_lab)]
+    assert share[1] < 0.6 * share[0]
+    # the validation and test stacks keep the fitted tube
+    assert data["val"][0].name == "train2_medium_000_raw.tif"
+    assert all("_r6" not in r.name for _, r, _ in data["tests"])
