@@ -211,6 +211,46 @@ def test_a_seeded_patch_of_doubtful_tissue_outside_the_cells_is_background():
     with pytest.raises(ConfigError, match="min_cell_tissue"):
         SegmentParams(min_cell_tissue=1.5).validate()
 
+def lumen_lined_by_cells(shape=(8, 72, 72), n=20, r_lumen=12, r_out=32):
+    """A ring of ``n`` wedge cells around a central lumen (ZYX, background 0):
+    the labels, and the labels of a network that took the lumen for a cell."""
+    _, y, x = np.indices(shape)
+    cy, cx = (shape[1] - 1) / 2, (shape[2] - 1) / 2
+    r = np.hypot(y - cy, x - cx)
+    angle = np.arctan2(y - cy, x - cx)
+    gt = np.where((r >= r_lumen) & (r < r_out),
+                  1 + ((angle + np.pi) / (2 * np.pi) * n).astype(np.int32) % n, 0)
+    seen = gt.copy()
+    seen[r < r_lumen] = n + 1
+    return gt.astype(np.int32), seen.astype(np.int32)
+
+
+def test_a_lumen_taken_for_a_cell_becomes_background():
+    from core.segment import many_neighbour_segments
+
+    gt, seen = lumen_lined_by_cells()
+    lumen = seen == seen.max()
+    many = many_neighbour_segments(seen, 3.0)
+    assert np.flatnonzero(many).tolist() == [seen.max()]  # it touches all 20 cells, a cell 3
+    assert not many_neighbour_segments(gt, 3.0).any()
+    cp, bp = probabilities_from(seen)
+    tissue = (seen > 0).astype(np.float32)
+    args = dict(tissue_prob=tissue, voxel_size=(1, 1, 1))
+    on = cells_from_probabilities(cp, bp, **args,  # the default: max_neighbours_factor 3
+                                  params=SegmentParams(min_cell_size_um3=10, merge_below=0))
+    off = cells_from_probabilities(cp, bp, **args,
+                                   params=SegmentParams(min_cell_size_um3=10, merge_below=0,
+                                                        max_neighbours_factor=0))
+    # off, the lumen is a cell; on, that one segment is background, the rest stays
+    lumen_cell = np.bincount(off[lumen]).argmax()
+    assert lumen_cell > 0 and (off[lumen] == lumen_cell).mean() > 0.9
+    assert not on[lumen].any()
+    np.testing.assert_array_equal(on > 0, (off > 0) & (off != lumen_cell))
+    assert n_cells(on) == n_cells(off) - 1
+    with pytest.raises(ConfigError, match="max_neighbours_factor"):
+        SegmentParams(max_neighbours_factor=1.0).validate()
+
+
 def test_cells_cut_by_the_stack_border_keep_their_seeds():
     """Seed erosion treats the outside of the stack as cell, so edge fragments survive."""
     gt = np.zeros((12, 40, 40), np.int32)
