@@ -140,8 +140,9 @@ Real confocal stack without ground truth (C. elegans membranes,
 ## Intended use
 
 Membrane-stained epithelia imaged by confocal microscopy (one channel, a
-bright cell outline), cells about 2-6 um across at voxels near 1 x 0.3 x 0.3
-um. It is a starting point: predict with it to see what it finds, then
+bright cell outline), cells about 10-17 um across at voxels near 1 x 0.3 x
+0.3 um, lining a tube whose lumen is wider than a cell. It is a starting
+point: predict with it to see what it finds, then
 fine-tune it on a few of your own annotated stacks (Train tab, "Fine-tune";
 `episeg train --init default.pt`), which `episeg demo` does in four minutes.
 
@@ -153,12 +154,19 @@ fine-tune it on a few of your own annotated stacks (Train tab, "Fine-tune";
   mixing it in would teach the network a second cell scale.
 * Background outside the tissue was dark and smooth in training. On the
   C. elegans stack (real, no voxel size recorded, so taken as the model's)
-  the noisy background around the embryo becomes one very large "cell" (the
-  flags rank it first, as unusually large), and the part of the embryo with
-  the faintest membranes merges into it. Fine-tune on a few of your own
+  the network takes the noisy background around the embryo for one very
+  large "cell", which `episeg predict` now makes background (it touches
+  every cell on the embryo's surface), and the part of the embryo with
+  the faintest membranes can merge into it. Fine-tune on a few of your own
   stacks before trusting it on such data.
 * Slivers of cells cut by the stack's faces (a few voxels thick) are mostly
   missed or merged into their neighbour (docs/accuracy.md, "What limits it").
+* Every training tube had a lumen 27-36 um wide (cells 10-17 um). The network
+  takes a lumen about one cell wide (10-15 um, a thin tube) for one large
+  cell; `episeg predict` makes such a segment background because it touches
+  every cell lining it (`segment.max_neighbours_factor`; cell IoU 0.71-0.82
+  -> 0.93-0.96 on four thin tubes). Wider lumens, up to tubes larger than
+  the stack, are fine (docs/accuracy.md, step 20).
 * Nuclear or cytoplasmic stains are not what it was trained for.
 """
 
