@@ -637,6 +637,10 @@ def cells_from_probabilities(
     if params.max_neighbours_factor > 0:
         drop = many_neighbour_segments(labels, params.max_neighbours_factor, params.slab_z)
         if drop.any():
+            rep.message(f"{int(drop.sum())} segment(s) touching more than "
+                        f"{params.max_neighbours_factor:g}x the median number of neighbours "
+                        "made background: a lumen or the medium taken for a cell "
+                        "(segment.max_neighbours_factor; 0 keeps them)")
             labels = _consecutive(labels, work_dir, drop=drop)
     # 5. with wall bands: re-grow the voxels next to each interface across them
     if wp is not None and params.wall_core_um > 0:

@@ -236,8 +236,11 @@ def test_a_lumen_taken_for_a_cell_becomes_background():
     cp, bp = probabilities_from(seen)
     tissue = (seen > 0).astype(np.float32)
     args = dict(tissue_prob=tissue, voxel_size=(1, 1, 1))
+    said = []
     on = cells_from_probabilities(cp, bp, **args,  # the default: max_neighbours_factor 3
-                                  params=SegmentParams(min_cell_size_um3=10, merge_below=0))
+                                  params=SegmentParams(min_cell_size_um3=10, merge_below=0),
+                                  progress=lambda event: said.append(event.message))
+    assert any("1 segment(s) touching more than 3x" in m for m in said if m)
     off = cells_from_probabilities(cp, bp, **args,
                                    params=SegmentParams(min_cell_size_um3=10, merge_below=0,
                                                         max_neighbours_factor=0))
