@@ -191,7 +191,7 @@ STRESS_CONDITIONS: Dict[str, Dict[str, Any]] = {
                    "tube_inner_radius_um": 45.0, "cell_diameter_um": 13.0},
     # a 16-slice slab through a tube of the usual size (cells ~13 um wide)
     "thin stack": {"shape": (16, 256, 256), "tube_outer_radius_um": 30.0},
-    # a tube thinner than the stack is deep: its lumen (5-8 um) narrower than a cell
+    # a tube thinner than the stack is deep: its lumen 10-15 um wide, about one cell
     "narrow lumen": {"shape": (64, 256, 256), "tube_outer_radius_um": 14.0,
                      "cell_diameter_um": 13.0},
 }
@@ -253,7 +253,7 @@ def make_data(args, out: Path) -> Dict[str, Any]:
     data = out / "data"
     train_pairs = []
     sizes = args.train_cells_around or [args.cells_around]
-    tubes = getattr(args, "train_tubes", None) or [None]
+    tubes = args.train_tubes or [None]
     for i in range(args.n_train + 1):  # difficulty levels, cell and tube sizes take turns
         level = args.train_difficulties[i % len(args.train_difficulties)]
         around = sizes[i % len(sizes)] if i < args.n_train else args.cells_around

@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def data_args(args: argparse.Namespace) -> SimpleNamespace:
     """The settings quality.make_data expects: its held-out test stacks, more training stacks."""
     return SimpleNamespace(n_train=args.n_train, train_difficulties=["medium", "hard"],
-                           train_cells_around=None, cells_around=11.0, train_seed=100,
+                           train_cells_around=None, train_tubes=None, cells_around=11.0,
+                           train_seed=100,
                            shape=(64, 256, 256), levels=list(quality.TEST_LEVELS), n_test=2,
                            test_seed=900)
 

@@ -672,11 +672,17 @@ def cells_from_channels(channels: Mapping[str, np.ndarray], **kwargs) -> np.ndar
                                     tissue_prob=channels.get("tissue"), wall_probs=walls, **kwargs)
 
 
+def _block_z(labels: np.ndarray, slab_z: int) -> int:
+    """Z slices per block of a pass over ``labels``: as the watershed's blocks."""
+    plane = labels.shape[1] * labels.shape[2]
+    return max(1, min(int(slab_z), SLAB_VOXELS // max(1, plane)))
+
+
 def _merge_weak_walls(labels, cp, bp, below: float, slab_z: int, work_dir) -> np.ndarray:
     """Cells merged across walls whose mean relief is below ``below``, ids 1..n again."""
     plane = labels.shape[1] * labels.shape[2]
-    step = max(1, min(int(slab_z), SLAB_VOXELS // max(1, plane)))  # as the watershed's blocks
-    lut = merge_weak_walls(labels, lambda index: _elevation(cp, bp, index), below, step)
+    lut = merge_weak_walls(labels, lambda index: _elevation(cp, bp, index), below,
+                           _block_z(labels, slab_z))
     if np.array_equal(lut, np.arange(len(lut))):
         return labels
     for z0, z1, _, _ in _slabs(labels.shape[0], plane, labels.shape[0], 0):
@@ -740,14 +746,12 @@ def many_neighbour_segments(labels: np.ndarray, factor: float, slab_z: int = 64)
     counted slab by slab (:func:`core.agglomerate.wall_contacts`).
     """
     n = int(labels.max()) + 1 if labels.size else 1
-    plane = labels.shape[1] * labels.shape[2]
-    step = max(1, min(int(slab_z), SLAB_VOXELS // max(1, plane)))  # as the watershed's blocks
 
     def no_relief(index: slice) -> np.ndarray:  # only who touches whom is needed
         z0, z1, _ = index.indices(labels.shape[0])
         return np.zeros((z1 - z0,) + labels.shape[1:], np.float32)
 
-    a, b, _, _ = wall_contacts(labels, no_relief, step)
+    a, b, _, _ = wall_contacts(labels, no_relief, _block_z(labels, slab_z))
     degree = np.bincount(a, minlength=n) + np.bincount(b, minlength=n)
     touching = degree[1:][degree[1:] > 0]
     if touching.size == 0:
