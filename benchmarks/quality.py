@@ -294,7 +294,7 @@ def stress_stacks(folder: Path, seed: int, names: Sequence[str] = tuple(STRESS_C
     (k its place in STRESS_CONDITIONS), written once into ``folder``; ``shape``
     replaces every condition's shape (small stacks for tests). Returns (name,
     raw path, labels path) per stack."""
-    unknown = [n for n in names if n not in STRESS_CONDITIONS]
+    unknown = unknown_stress_conditions(names)
     if unknown:
         raise ValueError(f"Unknown stress condition(s) {unknown}; choose from "
                          f"{', '.join(STRESS_CONDITIONS)}.")
@@ -308,6 +308,11 @@ def stress_stacks(folder: Path, seed: int, names: Sequence[str] = tuple(STRESS_C
         (r, l), = _synth(folder, f"stress_{name.replace(' ', '_')}", seed + k, params, size)
         stacks.append((name, r, l))
     return stacks
+
+
+def unknown_stress_conditions(names: Sequence[str]) -> List[str]:
+    """The names that are not STRESS_CONDITIONS entries."""
+    return [n for n in names if n not in STRESS_CONDITIONS]
 
 
 def _params(over: Dict[str, Any]) -> SynthParams:

@@ -105,7 +105,7 @@ def main(argv: List[str] = None) -> int:
     if missing:
         ap.error(f"no such model file: {', '.join(missing)}")
     stress = [n.strip() for n in args.stress.split(",") if n.strip()]
-    unknown = [n for n in stress if n not in quality.STRESS_CONDITIONS]
+    unknown = quality.unknown_stress_conditions(stress)
     if unknown:
         ap.error(f"unknown stress condition(s) {', '.join(unknown)}; choose from "
                  f"{', '.join(quality.STRESS_CONDITIONS)}")
