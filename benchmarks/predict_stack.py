@@ -8,6 +8,7 @@ printed.
 
     .venv/bin/python benchmarks/predict_stack.py --model MODEL.pt \\
         --sizes 58,256,256 117,512,512 234,1024,1024
+    python3 benchmarks/predict_stack.py --model MODEL.pt --device cuda   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--sizes", nargs="+", default=["58,256,256", "117,512,512", "234,1024,1024"])
     ap.add_argument("--work", type=Path, default=Path("benchmark_predict_stack"))
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the network runs (episeg predict --device)")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    exe = Path(sys.executable).with_name("episeg")
+    exe = Path(sys.executable).with_name("episeg")  # else the module, where episeg is not installed
+    exe = [str(exe)] if exe.exists() else [sys.executable, "-m", "core.cli.main"]
     print(f"{'stack (Z,Y,X)':>18s} {'Mvox':>8s} {'seconds':>9s} {'Mvox/s':>8s} {'peak MiB':>9s} {'cells':>7s}")
     for text in args.sizes:
         shape = tuple(int(v) for v in text.split(","))
@@ -65,8 +69,10 @@ def main(argv=None) -> int:
         out = args.work / "out"
         t0 = time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        proc = subprocess.run([str(exe), "predict", "--model", args.model, "--out", str(out),
-                               "--quiet", str(src)], capture_output=True, text=True)
+        proc = subprocess.run([*exe, "predict", "--model", str(Path(args.model).resolve()),
+                               "--device", args.device, "--out", str(out.resolve()), "--quiet",
+                               str(src.resolve())],
+                              capture_output=True, text=True, cwd=REPO)
         seconds = time.monotonic() - t0
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if proc.returncode != 0:
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
         note = "" if peak > before else " (peak not above an earlier size)"
         print(f"{text:>18s} {mvox:8.1f} {seconds:9.1f} {mvox / seconds:8.2f} {peak / 1024:9.0f} "
               f"{cells:>7s}{note}")
-        print("   ", line.rsplit(" cells ", 1)[-1])
+        print("    (" + line.split(" cells (", 1)[-1])
     print(f"machine: {os.cpu_count()} CPUs; torch threads as episeg chooses")
     return 0
 
