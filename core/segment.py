@@ -33,6 +33,7 @@ and ids are made consecutive: background 0, cells 1..n.
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional, Sequence, Tuple
@@ -180,13 +181,83 @@ def ball_um(radius_um: float, voxel_size: Sequence[float]) -> Optional[np.ndarra
     return np.asarray(dist <= 1.0)
 
 
-#: Footprints with more elements than this erode faster by a distance transform
-#: (:func:`erode_ball`) than by ``binary_erosion``, whose cost grows with them
-#: (3 um at 1 x 0.3 x 0.3 um voxels: 1,227 elements)...
-EDT_ABOVE_FOOTPRINT = 500
+#: Footprints with more rows along X than this erode faster by a distance transform
+#: (:func:`erode_ball`, whose cost does not grow with the radius) than row by row
+#: (:func:`erode_by_rows`; 3 um at 1 x 0.3 x 0.3 um voxels: 147 rows, 3x faster
+#: than the transform, 7x faster than ``binary_erosion`` with its 1,227 elements)...
+EDT_ABOVE_ROWS = 400
 #: ...in boxes up to this many voxels: the transform holds about 20 bytes per
-#: voxel (distances and nearest-voxel indices), the erosion 1.
+#: voxel (distances and nearest-voxel indices), the rows 3.
 EDT_MAX_VOXELS = 16 * 1024 * 1024
+
+
+def erode_footprint(mask: np.ndarray, footprint: np.ndarray, radius_um: float,
+                    voxel_size: Sequence[float], row_dist: Optional[np.ndarray] = None) -> np.ndarray:
+    """``binary_erosion(mask, footprint, border_value=1)`` for ``footprint =
+    ball_um(radius_um, voxel_size)``, the fastest way for its size (ZYX, the
+    stack's faces do not erode); ``row_dist`` as in :func:`erode_by_rows`."""
+    rows = int(np.count_nonzero(footprint.any(axis=2)))
+    if rows > EDT_ABOVE_ROWS and mask.size <= EDT_MAX_VOXELS:
+        return erode_ball(mask, radius_um, voxel_size)
+    return erode_by_rows(mask, footprint, row_dist)
+
+
+def row_distance(mask: np.ndarray) -> np.ndarray:
+    """For each voxel of a boolean ZYX ``mask``, the distance in voxels along X to the
+    nearest False voxel of its row (0 on False voxels; beyond the array counts as
+    True), clipped at 255: uint8. Computed slab by slab (a few bytes per voxel of
+    one slab at a time)."""
+    m = np.asarray(mask, bool)
+    nx = m.shape[-1]
+    x = np.arange(nx, dtype=np.int32)
+    far = np.int32(255 + nx)  # beyond the clip however the row ends
+    out = np.empty(m.shape, np.uint8)
+    step = max(1, (1 << 20) // max(1, int(np.prod(m.shape[1:]))))
+    for z0 in range(0, m.shape[0], step):
+        part = m[z0:z0 + step]
+        left = np.maximum.accumulate(np.where(part, -far, x), axis=-1)  # nearest False at or before x
+        right = np.minimum.accumulate(np.where(part, far + nx, x)[..., ::-1], axis=-1)[..., ::-1]
+        np.minimum(np.minimum(x - left, right - x), 255, out=left)
+        out[z0:z0 + step] = left
+    return out
+
+
+def erode_by_rows(mask: np.ndarray, footprint: np.ndarray,
+                  row_dist: Optional[np.ndarray] = None) -> np.ndarray:
+    """``binary_erosion(mask, footprint, border_value=1)``, exactly, row by row.
+
+    For footprints whose rows along X are runs centred on the middle (the
+    ellipsoids of :func:`ball_um`; any other footprint goes to
+    ``binary_erosion``): a voxel stays when every row of the footprint around
+    it is True, and a run of 2w+1 True voxels along X is where
+    :func:`row_distance` (``row_dist``, computed when None; the same for every
+    footprint, so callers eroding one mask by several reuse it) exceeds w. So
+    the cost grows with the number of rows, not of elements. Memory: about 3
+    bytes per voxel of ``mask`` (ZYX).
+    """
+    fp = np.asarray(footprint, bool)
+    widths = fp.sum(axis=2) if fp.ndim == 3 else None
+    cx = fp.shape[-1] // 2
+    centred = fp.ndim == 3 and fp.shape[2] % 2 == 1 and cx < 255 and all(
+        w % 2 == 1 and fp[z, y, cx - w // 2: cx + w // 2 + 1].all()
+        for (z, y), w in np.ndenumerate(widths) if w)
+    if not centred:
+        return ndi.binary_erosion(mask, structure=fp, border_value=1)
+    dist = row_distance(mask) if row_dist is None else row_dist
+    nz, ny = dist.shape[:2]
+    cz, cy = fp.shape[0] // 2, fp.shape[1] // 2
+    out = np.ones(dist.shape, bool)
+    for width in np.unique(widths[widths > 0]):
+        run = dist > width // 2
+        for dz, dy in np.argwhere(widths == width) - (cz, cy):
+            if abs(dz) >= nz or abs(dy) >= ny:
+                continue  # the row lies outside the array for every voxel: True
+            # out[z, y] &= run[z + dz, y + dy] where that lies inside (outside is True)
+            here = (slice(max(0, -dz), nz - max(0, dz)), slice(max(0, -dy), ny - max(0, dy)))
+            there = (slice(max(0, dz), nz + min(0, dz)), slice(max(0, dy), ny + min(0, dy)))
+            np.logical_and(out[here], run[there], out=out[here])
+        del run
+    return out
 
 
 def erode_ball(mask: np.ndarray, radius_um: float, voxel_size: Sequence[float]) -> np.ndarray:
@@ -386,6 +457,13 @@ def cascade_levels(max_erosion_um: float) -> Tuple[float, ...]:
         (float(max_erosion_um),) if max_erosion_um > 0 else ())
 
 
+#: Memory the pieces of :func:`cascade_seeds` may use at once, and what one needs per
+#: voxel of its box at most (about 10 bytes eroding row by row: the row distances, the
+#: eroded mask, its labels and the seeds; about 30 where a distance transform erodes).
+CASCADE_MEMORY_BYTES = 2 * 1024 ** 3
+CASCADE_BYTES_PER_VOXEL = 32
+
+
 def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion_um: float,
                   min_size_um3: float = 0.0, *, cancel: CancelFlag = None,
                   work_dir=None) -> Tuple[np.ndarray, int]:
@@ -397,82 +475,126 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
     (when at least ``min_size_um3``). So two cells joined by a bridge narrower
     than the deepest erosion get one seed each, while a cell too small for that
     erosion keeps the seed of the deepest level it survives. The stack's faces
-    do not erode (a cell cut by them keeps its seed). Memory: one bounding box
-    at a time; the pieces and the seeds (uint16 when they fit) are scratch
+    do not erode (a cell cut by them keeps its seed). Pieces run in threads
+    (scipy's erosions release the GIL); their seeds are numbered in the order
+    of the pieces, so the result does not depend on the number of CPUs.
+    Memory: up to :data:`CASCADE_MEMORY_BYTES` of boxes at once (a larger box
+    runs alone); the pieces and the seeds (uint16 when they fit) are scratch
     arrays (on disk in ``work_dir`` when large, :mod:`core.scratch`).
     Returns (seeds 1..n, n).
     """
     vs = tuple(float(v) for v in voxel_size)
-    voxel_um3 = float(np.prod(vs))
     levels = [(e, fp) for e, fp in ((e, ball_um(e, vs)) for e in cascade_levels(max_erosion_um)[1:])
               if fp is not None]
-    footprints = [fp for _, fp in levels]
-    radius = [max([fp.shape[a] // 2 for fp in footprints] + [0]) for a in range(3)]
+    radius = [max([fp.shape[a] // 2 for _, fp in levels] + [0]) for a in range(3)]
     pieces, n = label_components(interior, work_dir)
     release_pages(interior)
     boxes = ndi.find_objects(pieces)
     release_pages(pieces)
     out = scratch_array(interior.shape, np.uint16, work_dir)  # widened only if the seeds need it
     next_id = 1
-    for i, sl in enumerate(boxes, start=1):
-        if sl is None:
-            continue
-        if i % 64 == 0:
-            release_pages(pieces, out)
-        mask = pieces[sl] == i
-        if mask.sum() * voxel_um3 < min_size_um3:
-            continue
-        # zeros around the box except at the stack's faces, where the piece goes on
-        pad = [(0 if s.start == 0 else r, 0 if s.stop == n_ax else r)
-               for s, r, n_ax in zip(sl, radius, interior.shape)]
-        padded = np.pad(mask, pad)
-        del mask
-        # compact types throughout: a piece's box can be most of a large stack
-        local = scratch_array(padded.shape, np.uint16, work_dir)
-        k = 0
-        # an erosion wider than the piece (away from the stack's faces) leaves nothing
-        inside_faces = [s.start > 0 and s.stop < n_ax for s, n_ax in zip(sl, interior.shape)]
-        extent = [s.stop - s.start for s in sl]
-        for level_um, fp in reversed(levels):
-            if any(f and e < fs for f, e, fs in zip(inside_faces, extent, fp.shape)):
+    workers = max(1, os.cpu_count() or 1)
+    alone_above = CASCADE_MEMORY_BYTES // (CASCADE_BYTES_PER_VOXEL * workers)
+    pending = deque()  # (box, future) in piece order
+
+    def write_done(keep: int) -> None:
+        nonlocal out, next_id
+        while len(pending) > keep:
+            sl, future = pending.popleft()
+            found = future.result()
+            if found is not None:
+                local, k = found
+                out, next_id = _put_seeds(out, sl, local, next_id, k)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for i, sl in enumerate(boxes, start=1):
+            if sl is None:
                 continue
-            # the same result; a distance transform is cheaper for large footprints
-            eroded = (erode_ball(padded, level_um, vs)
-                      if fp.sum() > EDT_ABOVE_FOOTPRINT and padded.size <= EDT_MAX_VOXELS
-                      else ndi.binary_erosion(padded, structure=fp, border_value=1))
-            comp, m = label_components(eroded, work_dir)
-            del eroded
-            if m == 0:
-                continue
-            has = np.zeros(m + 1, bool)
-            if k:
-                has[comp[local > 0]] = True
-            big = label_counts(comp, minlength=m + 1) * voxel_um3 >= min_size_um3
-            new = ~has & big
-            new[0] = False
-            ids = np.flatnonzero(new)
-            if len(ids):
-                if k + len(ids) > np.iinfo(local.dtype).max:
-                    local = local.astype(np.uint32)
-                lut = np.zeros(m + 1, local.dtype)
-                lut[ids] = np.arange(k + 1, k + 1 + len(ids))
-                sel = new[comp]
-                local[sel] = lut[comp[sel]]
-                del sel
-                k += len(ids)
-            del comp
-        if k == 0:  # every erosion erased it: the piece itself is one small cell's seed
-            local = padded.view(np.uint8)
-            k = 1
-        del padded
-        inner = tuple(slice(a, local.shape[d] - b) for d, (a, b) in enumerate(pad))
-        local = local[inner]
-        out, next_id = _put_seeds(out, sl, local, next_id, k)
-        del local
-        if i % 256 == 0:
-            check_cancelled(cancel, "Cell segmentation")
+            job = (_piece_seeds, pieces, i, sl, interior.shape, levels, radius, vs,
+                   min_size_um3, work_dir)
+            if int(np.prod([s.stop - s.start for s in sl])) > alone_above:
+                write_done(0)  # a large box runs alone, after the pieces before it
+                pending.append((sl, _Done(job[0](*job[1:]))))
+            else:
+                pending.append((sl, pool.submit(*job)))
+            write_done(2 * workers)
+            if i % 64 == 0:
+                release_pages(pieces, out)
+            if i % 256 == 0:
+                check_cancelled(cancel, "Cell segmentation")
+        write_done(0)
     release_pages(pieces, out)
     return _seeds_result(out, next_id)
+
+
+class _Done:
+    """A finished result with a future's ``result()``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _piece_seeds(pieces: np.ndarray, i: int, sl, shape, levels, radius, vs,
+                 min_size_um3: float, work_dir):
+    """The cascade of :func:`cascade_seeds` for piece ``i`` of ``pieces`` (box ``sl``).
+
+    Returns (seeds 1..k in the box, k), or None when the piece is smaller than
+    ``min_size_um3``.
+    """
+    voxel_um3 = float(np.prod(vs))
+    mask = pieces[sl] == i
+    if mask.sum() * voxel_um3 < min_size_um3:
+        return None
+    # zeros around the box except at the stack's faces, where the piece goes on
+    pad = [(0 if s.start == 0 else r, 0 if s.stop == n_ax else r)
+           for s, r, n_ax in zip(sl, radius, shape)]
+    padded = np.pad(mask, pad)
+    del mask
+    # compact types throughout: a piece's box can be most of a large stack
+    local = scratch_array(padded.shape, np.uint16, work_dir)
+    k = 0
+    row_dist = row_distance(padded)  # the same for every level
+    # an erosion wider than the piece (away from the stack's faces) leaves nothing
+    inside_faces = [s.start > 0 and s.stop < n_ax for s, n_ax in zip(sl, shape)]
+    extent = [s.stop - s.start for s in sl]
+    for level_um, fp in reversed(levels):
+        if any(f and e < fs for f, e, fs in zip(inside_faces, extent, fp.shape)):
+            continue
+        eroded = erode_footprint(padded, fp, level_um, vs, row_dist)
+        # label only the box of what is left (the same ids: raster order is kept)
+        crop = ndi.find_objects(eroded.view(np.uint8), max_label=1)[0]
+        if crop is None:
+            continue
+        comp, m = label_components(eroded[crop], work_dir)
+        del eroded
+        has = np.zeros(m + 1, bool)
+        if k:
+            has[comp[local[crop] > 0]] = True
+        big = label_counts(comp, minlength=m + 1) * voxel_um3 >= min_size_um3
+        new = ~has & big
+        new[0] = False
+        ids = np.flatnonzero(new)
+        if len(ids):
+            if k + len(ids) > np.iinfo(local.dtype).max:
+                local = local.astype(np.uint32)
+            lut = np.zeros(m + 1, local.dtype)
+            lut[ids] = np.arange(k + 1, k + 1 + len(ids))
+            sel = new[comp]
+            view = local[crop]
+            view[sel] = lut[comp[sel]]
+            del sel, view
+            k += len(ids)
+        del comp
+    del row_dist
+    if k == 0:  # every erosion erased it: the piece itself is one small cell's seed
+        local = padded.view(np.uint8)
+        k = 1
+    del padded
+    inner = tuple(slice(a, local.shape[d] - b) for d, (a, b) in enumerate(pad))
+    return local[inner], k
 
 
 def _put_seeds(out: np.ndarray, sl, local: np.ndarray, next_id: int, k: int):

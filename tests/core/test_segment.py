@@ -337,6 +337,28 @@ def test_cascade_seeds_split_large_cells_and_keep_small_ones():
     assert int(shallow[12, 30, 25]) == int(shallow[12, 30, 60])  # the bridge survives 1 voxel
 
 
+def test_cascade_seeds_do_not_depend_on_the_number_of_cpus(monkeypatch):
+    """The pieces run in threads, large boxes alone: the seeds and their numbers are
+    the same on one CPU as on many, whichever boxes ran together."""
+    import core.segment
+    from core.segment import cascade_seeds
+
+    rng = np.random.default_rng(3)
+    interior = ndi.gaussian_filter(rng.random((20, 96, 96)), 2) > 0.53
+    assert ndi.label(interior)[1] > 20  # many pieces, so that threads overlap
+    vs = (1.0, 0.3, 0.3)
+    monkeypatch.setattr(core.segment.os, "cpu_count", lambda: 1)
+    one, n_one = cascade_seeds(interior, vs, 3.0, 5.0)
+    monkeypatch.setattr(core.segment.os, "cpu_count", lambda: 8)
+    many, n_many = cascade_seeds(interior, vs, 3.0, 5.0)
+    # a memory share so small that the larger pieces' boxes run alone between the others
+    monkeypatch.setattr(core.segment, "CASCADE_MEMORY_BYTES", 8 * 32 * 300)  # 300 voxels
+    mixed, n_mixed = cascade_seeds(interior, vs, 3.0, 5.0)
+    assert n_one > 20 and n_one == n_many == n_mixed
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(one, mixed)
+
+
 def test_cascade_levels_reach_the_deepest_erosion():
     from core.segment import cascade_levels
 
@@ -454,18 +476,35 @@ def test_the_cell_channel_corrects_a_boundary_channel_unsure_where_the_wall_is()
 
 
 @pytest.mark.parametrize("voxel_size", [(1.0, 0.3, 0.3), (0.8, 0.25, 0.25), (1.0, 1.0, 1.0)])
-def test_the_distance_transform_erodes_exactly_like_the_footprint(voxel_size):
-    """erode_ball (one distance transform, for large radii) and binary_erosion with
-    ball_um's footprint keep the same voxels, the stack's faces not eroding."""
-    from core.segment import erode_ball
+def test_the_fast_erosions_keep_exactly_the_voxels_of_the_footprint(voxel_size):
+    """erode_ball (one distance transform, for very large radii) and erode_by_rows
+    (1-D minimum filters, the cascade's usual way) keep the same voxels as
+    binary_erosion with ball_um's footprint, the stack's faces not eroding."""
+    from core.segment import erode_ball, erode_by_rows
 
     rng = np.random.default_rng(5)
     for trial in range(6):
         mask = ndi.gaussian_filter(rng.random((14, 40, 40)), 2) > 0.5 - 0.02 * trial
+        mask[:, :, :3] = True  # pieces cut by the faces
+        mask[-2:] = True
         for radius in (0.6, 1.0, 2.0, 3.0):
             footprint = ball_um(radius, voxel_size)
             if footprint is None:  # under half a voxel: the cascade skips the level
                 continue
             want = ndi.binary_erosion(mask, structure=footprint, border_value=1)
             np.testing.assert_array_equal(erode_ball(mask, radius, voxel_size), want)
+            np.testing.assert_array_equal(erode_by_rows(mask, footprint), want)
     assert erode_ball(np.ones((3, 4, 5), bool), 3.0, voxel_size).all()
+    assert erode_by_rows(np.ones((3, 4, 5), bool), ball_um(3.0, voxel_size)).all()
+
+
+def test_an_erosion_footprint_of_other_rows_is_still_exact():
+    """A footprint whose X rows are not centred runs falls back to binary_erosion."""
+    from core.segment import erode_by_rows
+
+    mask = ndi.gaussian_filter(np.random.default_rng(1).random((8, 30, 30)), 2) > 0.5
+    footprint = np.zeros((3, 3, 5), bool)
+    footprint[1, 1, 2:] = True  # a run off the middle
+    footprint[0, 0, 0] = footprint[2, 2, 4] = True
+    want = ndi.binary_erosion(mask, structure=footprint, border_value=1)
+    np.testing.assert_array_equal(erode_by_rows(mask, footprint), want)
