@@ -510,14 +510,12 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
         for i, sl in enumerate(boxes, start=1):
             if sl is None:
                 continue
-            job = (_piece_seeds, pieces, i, sl, interior.shape, levels, radius, vs,
-                   min_size_um3, work_dir)
-            if int(np.prod([s.stop - s.start for s in sl])) > alone_above:
+            alone = int(np.prod([s.stop - s.start for s in sl])) > alone_above
+            if alone:
                 write_done(0)  # a large box runs alone, after the pieces before it
-                pending.append((sl, _Done(job[0](*job[1:]))))
-            else:
-                pending.append((sl, pool.submit(*job)))
-            write_done(2 * workers)
+            pending.append((sl, pool.submit(_piece_seeds, pieces, i, sl, interior.shape, levels,
+                                            radius, vs, min_size_um3, work_dir)))
+            write_done(0 if alone else 2 * workers)
             if i % 64 == 0:
                 release_pages(pieces, out)
             if i % 256 == 0:
@@ -525,16 +523,6 @@ def cascade_seeds(interior: np.ndarray, voxel_size: Sequence[float], max_erosion
         write_done(0)
     release_pages(pieces, out)
     return _seeds_result(out, next_id)
-
-
-class _Done:
-    """A finished result with a future's ``result()``."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
 
 
 def _piece_seeds(pieces: np.ndarray, i: int, sl, shape, levels, radius, vs,
