@@ -16,9 +16,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+from core.errors import ConfigError
 
 ENV_OVERRIDE = "EPISEG_CPU_BF16"
 
@@ -40,3 +43,31 @@ def cpu_has_native_bf16() -> bool:
         except Exception:  # a private probe that changed or is missing in this build
             continue
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_runs_bf16_convolutions() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU at all.
+
+    It needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU refuses them
+    (emulated bf16 autocast in training still runs there, slowly). Probed once
+    with a 4 x 4 x 4 convolution.
+    """
+    x = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bfloat16)
+    w = torch.zeros(1, 1, 3, 3, 3, dtype=torch.bfloat16)
+    try:
+        torch.ops.aten.mkldnn_convolution(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_cpu_bf16_network() -> None:
+    """Raise a :class:`ConfigError` naming ``EPISEG_CPU_BF16`` when it forces a
+    bfloat16 network on a CPU that cannot run bf16 convolutions (where
+    oneDNN's own error would stop the prediction at the first tile)."""
+    if not cpu_runs_bf16_convolutions():
+        raise ConfigError(
+            f"{ENV_OVERRIDE}={os.environ.get(ENV_OVERRIDE, '')} asks for a bfloat16 network, but "
+            "this CPU cannot run bfloat16 convolutions (they need AVX-512 BW/VL/DQ or "
+            f"AVX-NE-CONVERT). Unset {ENV_OVERRIDE} (EPISEG then picks float32 here) or set it to 0.")

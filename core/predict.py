@@ -39,7 +39,7 @@ from torch import nn
 from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.model import fuse_batchnorm, required_divisor
-from core.precision import cpu_has_native_bf16
+from core.precision import check_cpu_bf16_network, cpu_has_native_bf16
 from core.scratch import release_pages
 from core.tiling import OverlapSpec, TileGrid, auto_tile_shape, make_grid
 
@@ -250,6 +250,8 @@ def predict_probabilities(
     flips = _flip_sets(tta)
     channels_last = dev.type == "cpu"
     cpu_bf16 = bool(amp) and dev.type == "cpu" and cpu_has_native_bf16()
+    if cpu_bf16:
+        check_cpu_bf16_network()
     net = prepare_model(model, dev, cpu_fast=channels_last,
                         dtype=torch.bfloat16 if cpu_bf16 else torch.float32)
     use_amp = bool(amp) and dev.type == "cuda"

@@ -7,22 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from core.precision import ENV_OVERRIDE, cpu_has_native_bf16
+from core import precision
+from core.errors import ConfigError
+from core.precision import ENV_OVERRIDE, cpu_has_native_bf16, cpu_runs_bf16_convolutions
 from core.predict import predict_probabilities
 from core.train import amp_settings
 from tests.core.test_predict import local_net, whole_volume
-
-
-def cpu_runs_bf16_convolutions() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions on this CPU at all (AVX-512BW/VL/DQ or
-    AVX-NE-CONVERT; an AVX2-only CPU refuses them, and EPISEG never picks bf16 there)."""
-    x = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bfloat16)
-    w = torch.zeros(1, 1, 3, 3, 3, dtype=torch.bfloat16)
-    try:
-        torch.ops.aten.mkldnn_convolution(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
-    except RuntimeError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("1", True), ("off", False), ("yes", True)])
@@ -96,3 +86,17 @@ def test_bf16_steps_with_non_finite_gradients_are_skipped_then_float32_takes_ove
     state = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=False)
     weights = state["model_state_dict"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_forcing_bf16_on_a_cpu_without_bf16_convolutions_names_the_variable(monkeypatch):
+    """EPISEG_CPU_BF16=1 on an AVX2-only CPU: a message that says what to do, not
+    oneDNN's error at the first tile; without the variable the same CPU predicts."""
+    monkeypatch.setattr(precision, "cpu_runs_bf16_convolutions", lambda: False)
+    model = local_net("batch", target="all")
+    image = np.random.default_rng(5).normal(size=(12, 20, 20)).astype(np.float32)
+    monkeypatch.setenv(ENV_OVERRIDE, "1")
+    with pytest.raises(ConfigError, match=f"{ENV_OVERRIDE}=1 .*Unset {ENV_OVERRIDE}"):
+        predict_probabilities(model, image, device="cpu")
+    monkeypatch.setenv(ENV_OVERRIDE, "0")
+    probs = predict_probabilities(model, image, device="cpu", out_dtype=np.float32)
+    assert probs.shape[1:] == image.shape and np.isfinite(probs).all()
