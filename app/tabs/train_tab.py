@@ -63,7 +63,8 @@ class TrainTab(QWidget):
         self.amp = QComboBox()
         self.amp.addItems(["auto", "on", "off"])
         self.amp.setToolTip("Mixed precision (auto: on with CUDA, and on a CPU that computes "
-                            "bf16 in hardware; off elsewhere on the CPU, where it would be slower)")
+                            "bf16 in hardware; off elsewhere on the CPU. 'on' forces it even "
+                            "where the CPU emulates bf16: about 35x slower there)")
         self.patch = QLineEdit()
         self.patch.setPlaceholderText("automatic (from the memory); or z, y, x voxels")
         self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")

@@ -334,3 +334,17 @@ def test_cli_train_resume_and_errors(stacks, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "x.pt"), "--quiet"]) == 2
     assert "No training data" in capsys.readouterr().err
+
+
+def test_forcing_mixed_precision_on_a_cpu_without_bf16_hardware_warns(stacks, tmp_path, monkeypatch):
+    """Mixed precision 'on' on a CPU that emulates bf16 (35x slower on an AVX2 CPU): the
+    run says so, in its messages and its result; 'auto' trains in float32 without a word."""
+    monkeypatch.setenv("EPISEG_CPU_BF16", "0")  # this CPU, as far as EPISEG can tell: no bf16
+    quick = dict(epochs=1, iterations_per_epoch=2, validation={"metrics_every": 0})
+    events = []
+    forced = train(config(stacks, amp="on", **quick), tmp_path / "on.pt", progress=events.append)
+    said = [e.message for e in events if e.message]
+    assert any("no bf16 hardware" in w and "'auto' or 'off'" in w for w in forced.warnings)
+    assert any("no bf16 hardware" in m for m in said)
+    plain = train(config(stacks, amp="auto", **quick), tmp_path / "auto.pt")
+    assert not any("bf16" in w for w in plain.warnings)
