@@ -376,12 +376,11 @@ def amp_settings(mode: str, device: torch.device) -> Tuple[bool, Optional[torch.
     return False, None, False, "fp32"
 
 
-def emulated_bf16_warning() -> str:
-    """What a user who forces mixed precision on a CPU without bf16 hardware is told."""
-    return ("Mixed precision 'on': this CPU has no bf16 hardware (AVX512-BF16 or AMX), so "
-            "every bf16 step is emulated, about 35x slower than float32 (measured on an "
-            "AVX2 CPU, docs/benchmarks.md). Set mixed precision to 'auto' or 'off' to "
-            "train in float32 here.")
+#: What a user who forces mixed precision on a CPU without bf16 hardware is told.
+EMULATED_BF16_WARNING = (
+    "Mixed precision 'on': this CPU has no bf16 hardware (AVX512-BF16 or AMX), so every "
+    "bf16 step is emulated, about 35x slower than float32 (measured on an AVX2 CPU, "
+    "docs/benchmarks.md). Set mixed precision to 'auto' or 'off' to train in float32 here.")
 
 
 def _gradients_finite(model: torch.nn.Module) -> bool:
@@ -580,9 +579,8 @@ def train(config: TrainConfig, out_path: Union[str, Path], *, resume: bool = Fal
     device = resolve_device(cfg.device)
     use_amp, amp_dtype, use_scaler, amp_text = amp_settings(cfg.amp, device)
     if use_amp and device.type == "cpu" and not cpu_has_native_bf16():
-        text = emulated_bf16_warning()
-        run.warnings.append(text)
-        run.say(text, stage="load")
+        run.warnings.append(EMULATED_BF16_WARNING)
+        run.say(EMULATED_BF16_WARNING, stage="load")
     old_threads = torch.get_num_threads()
     threads = cfg.threads or max(1, physical_cores() // (world.size if device.type == "cpu"
                                                          and world.distributed else 1))
