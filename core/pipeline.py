@@ -62,6 +62,10 @@ class PredictConfig:
     segment: SegmentParams = field(default_factory=SegmentParams)
 
 
+#: How a user gives the voxel size of stacks whose files record none.
+SET_VOXEL_SIZE = "give it with --voxel-size Z,Y,X or the Predict tab's Voxel size (um)"
+
+
 @dataclass
 class StackResult:
     """What :func:`segment_stack` produced for one input."""
@@ -207,7 +211,11 @@ def segment_stack(
                                order=3, cancel=cancel)
     elif voxel_size is None and model_vs is not None:
         rep.message(f"{volume.name}: no voxel size recorded; assuming the model's "
-                    f"{tuple(model_vs)} um (give --voxel-size to set it)")
+                    f"{tuple(model_vs)} um ({SET_VOXEL_SIZE})")
+    elif voxel_size is None:
+        rep.message(f"{volume.name}: neither the stack nor the model records a voxel size, so "
+                    "the cell step measures its lengths (seed erosion, smallest cell) in 1 um "
+                    f"voxels; if the cells come out merged or cut, {SET_VOXEL_SIZE}")
     times["prepare"] = time.monotonic() - t0
     check_cancelled(cancel, "Prediction")
 

@@ -596,6 +596,15 @@ def train(config: TrainConfig, out_path: Union[str, Path], *, resume: bool = Fal
         torch.set_num_threads(old_threads)
 
 
+#: Said when no training stack records a voxel size and none was given.
+NO_VOXEL_SIZE_WARNING = (
+    "no training stack records a voxel size and none was given, so the model will have "
+    "none: prediction then measures cells in 1 um voxels (seed erosion, smallest cell) "
+    "wherever a stack records none either, which merges cells many voxels wide. Give the "
+    "microscope's voxel size: --voxel-size Z,Y,X, the Train tab's Voxel size, or "
+    "voxel_size_um per stack in the config.")
+
+
 def _load_sources(run: _Run, sources: Sequence[DataSource], target: str,
                   voxel_size: Optional[Vec3], weight_map: Optional[Dict[str, float]],
                   what: str) -> Tuple[List[TrainVolume], Optional[Vec3]]:
@@ -664,6 +673,9 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
             train_vols, val_vols = [tr], [va]
             run.say(f"validation: held out the last {cfg.data.val_fraction:.0%} of "
                     f"{tr.name.split(' (')[0]} along Y or X (the longer)", stage="load")
+    if voxel_size is None:
+        run.warnings.append(NO_VOXEL_SIZE_WARNING)
+        run.say(f"warning: {NO_VOXEL_SIZE_WARNING}", stage="load")
 
     # -- model --
     if init_data is not None:

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QListWidget,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QLineEdit, QListWidget,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
 from app.widgets import FileList, PathField, form_box
 from core.config import apply_overrides
+from core.errors import EpiSegError
 from core.pipeline import FileResult, PredictConfig, predict_files
 from core.resources import default_model
 
@@ -47,6 +48,12 @@ class PredictTab(QWidget):
         self.format = QComboBox()
         self.format.addItems(["tif", "mat", "h5"])
         self.format.setToolTip("tif: Fiji / ImageJ; mat: MATLAB; h5: HDF5")
+        self.voxel_size = QLineEdit()
+        self.voxel_size.setPlaceholderText("z, y, x um; only for stacks whose files record none")
+        self.voxel_size.setToolTip(
+            "The voxel size of stacks whose files record none (.mat, .npy, some TIFFs). "
+            "Empty: the model's training voxel size is assumed. A wrong one makes the network "
+            "see cells at the wrong scale: give the microscope's.")
         self.tta = QCheckBox("Test-time augmentation (average over flips; slower)")
         self.tta.setToolTip(PredictConfig.__dataclass_fields__["tta"].metadata["help"])
         self.flags = QCheckBox("Rank the cells most likely wrong (flags)")
@@ -55,7 +62,8 @@ class PredictTab(QWidget):
 
         settings = form_box("Predict cells", [
             ("Model", self.model), ("Stacks", self.inputs), ("Output folder", self.out_dir),
-            ("Format", self.format), ("", self.tta), ("", self.flags),
+            ("Format", self.format), ("Voxel size", self.voxel_size), ("", self.tta),
+            ("", self.flags),
             ("", self.probabilities)])
 
         self.panel = JobPanel("Predict")
@@ -89,10 +97,15 @@ class PredictTab(QWidget):
         self.tta.setChecked(cfg.tta)
         self.flags.setChecked(cfg.flags)
         self.probabilities.setChecked(cfg.save_probabilities)
+        vs = cfg.input_voxel_size_um
+        self.voxel_size.setText(", ".join(f"{v:g}" for v in vs) if vs else "")
 
     def config(self) -> PredictConfig:
-        """The form's settings on top of the loaded config."""
-        return apply_overrides(self.base, {
+        """The form's settings on top of the loaded config (ConfigError names the field)."""
+        cfg = copy.deepcopy(self.base)
+        cfg.input_voxel_size_um = None  # the form decides it
+        return apply_overrides(cfg, {
+            "input_voxel_size_um": self.voxel_size.text().strip() or None,
             "format": self.format.currentText(), "tta": self.tta.isChecked(),
             "flags": self.flags.isChecked(), "device": self.device,
             "save_probabilities": self.probabilities.isChecked()}, where="Predict tab")
@@ -111,14 +124,19 @@ class PredictTab(QWidget):
         return out
 
     def run(self) -> None:
-        if self.panel.refuse(self.problems()):
+        problems = self.problems()
+        try:
+            cfg = self.config() if not problems else None
+        except EpiSegError as err:
+            problems.append(str(err))
+        if self.panel.refuse(problems):
             return
         self.result_list.clear()
         self.flag_table.setRowCount(0)
         self.results = []
         self.panel.start(predict_files, model_path=self.model.text(),
                          inputs=self.inputs.paths(), out_dir=Path(self.out_dir.text()),
-                         config=self.config())
+                         config=cfg)
 
     def _finished(self, results: List[FileResult]) -> None:
         self.results = list(results)

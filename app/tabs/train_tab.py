@@ -67,6 +67,12 @@ class TrainTab(QWidget):
                             "where the CPU emulates bf16: about 35x slower there)")
         self.patch = QLineEdit()
         self.patch.setPlaceholderText("automatic (from the memory); or z, y, x voxels")
+        self.voxel_size = QLineEdit()
+        self.voxel_size.setPlaceholderText("z, y, x um; empty = the first stack's")
+        self.voxel_size.setToolTip(
+            "The voxel size the model trains at; stacks with another one are resampled to it, "
+            "and stacks whose files record none (.mat, .npy) are taken to have it. Without any, "
+            "the model has none and prediction measures cells in 1 um voxels.")
         self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")
         if default_model() is not None:
             self.init.add_choice("Default model", str(default_model()),
@@ -83,6 +89,7 @@ class TrainTab(QWidget):
         ], [
             ("Epochs", self.epochs), ("Batches per epoch", self.iterations),
             ("Time budget", self.minutes), ("Patch size", self.patch),
+            ("Voxel size", self.voxel_size),
         ])
         files = form_box("Model file", [
             ("Fine-tune", self.init), ("Save model as", self.out), ("", self.resume)])
@@ -143,13 +150,16 @@ class TrainTab(QWidget):
         self.iterations.setValue(cfg.iterations_per_epoch)
         self.minutes.setValue(cfg.max_minutes or 0)
         self.amp.setCurrentText(cfg.amp)
+        vs = cfg.data.target_voxel_size_um
+        self.voxel_size.setText(", ".join(f"{v:g}" for v in vs) if vs else "")
 
     def config(self) -> TrainConfig:
         """The form's settings on top of the loaded config (ConfigError names the field)."""
         cfg = copy.deepcopy(self.base)
         cfg.data.train, cfg.data.val = [], []
-        cfg.patch_size = cfg.max_minutes = None
+        cfg.patch_size = cfg.max_minutes = cfg.data.target_voxel_size_um = None
         return apply_overrides(cfg, {
+            "data.target_voxel_size_um": self.voxel_size.text().strip() or None,
             "data.train": self.train_data.sources(),
             "data.val": self.val_data.sources(),
             "model.preset": self.preset.currentText(),

@@ -83,6 +83,43 @@ def test_predict_tab_runs_shows_cells_and_flags(qtbot, trained):
     assert w.grab().save(str(folder / "predict.png"))
 
 
+def test_the_voxel_size_typed_in_is_used_for_a_stack_that_records_none(qtbot, trained):
+    """A .npy (as a .mat) records no voxel size: the Predict tab's Voxel size resamples it
+    to the model's grid, and the labels come back on the stack's own grid with it."""
+    d, raw, lab = trained
+    stack = d / "no_voxel_size.npy"
+    np.save(stack, read_labels(str(raw[1])).data[:, ::2, ::2])  # any array will do
+    w = MainWindow()
+    qtbot.addWidget(w)
+    tab = w.predict_tab
+    tab.model.setText(str(d / "model.pt"))
+    tab.inputs.add([str(stack)])
+    tab.out_dir.setText(str(d / "gui_voxel"))
+    tab.voxel_size.setText("1, 0.6, 0.6")
+    with qtbot.waitSignal(tab.panel.stopped, timeout=120000):
+        tab.panel.run_button.click()
+    assert not tab.panel.last_error
+    assert "resampling from voxel size (1.0, 0.6, 0.6) um" in tab.panel.log.toPlainText()
+    labels = read_labels(str(d / "gui_voxel" / "no_voxel_size_cells.tif"))
+    assert labels.shape == (16, 48, 48)
+    assert labels.voxel_size == pytest.approx((1.0, 0.6, 0.6))
+
+
+def test_a_malformed_voxel_size_is_refused_and_the_window_lives_on(qtbot, trained, tmp_path):
+    d, raw, lab = trained
+    w = MainWindow()
+    qtbot.addWidget(w)
+    tab = w.predict_tab
+    tab.model.setText(str(d / "model.pt"))
+    tab.inputs.add([str(raw[1])])
+    tab.out_dir.setText(str(tmp_path))
+    tab.voxel_size.setText("1, 0.3")
+    tab.panel.run_button.click()
+    assert "input_voxel_size_um" in tab.panel.last_error
+    assert "3 values" in tab.panel.last_error
+    assert tab.panel.run_button.isEnabled() and not list(tmp_path.iterdir())
+
+
 def test_a_missing_model_gives_a_message_and_the_window_lives_on(qtbot, tmp_path):
     w = MainWindow()
     qtbot.addWidget(w)

@@ -86,6 +86,7 @@ def test_settings_round_trip_through_a_config(qtbot, stacks, tmp_path):
     tab.val_data.add_pair(stacks[0][1], stacks[1][1])
     tab.loss.setCurrentText("dice")
     tab.patch.setText("8, 32, 32")
+    tab.voxel_size.setText("1, 0.3, 0.3")
     cfg = tab.config()
     cfg.optimizer.lr = 0.001  # not on the form: kept through the tab
     save_yaml(tmp_path / "t.yaml", cfg)
@@ -95,6 +96,8 @@ def test_settings_round_trip_through_a_config(qtbot, stacks, tmp_path):
     assert other.train_data.rows() == tab.train_data.rows()
     assert other.val_data.sources() == [{"raw": stacks[0][1], "labels": stacks[1][1]}]
     assert other.loss.currentText() == "dice" and other.patch.text() == "8, 32, 32"
+    assert other.voxel_size.text() == "1, 0.3, 0.3"
+    assert other.config().data.target_voxel_size_um == (1.0, 0.3, 0.3)
     assert other.config().optimizer.lr == 0.001
 
 
@@ -124,3 +127,35 @@ def test_the_ap50_curve_puts_each_point_at_its_own_epoch(qtbot):
     x, y = tab.ap_curve.getData()
     assert list(x) == [1.0, 5.0] and list(y) == [0.5, 0.8]
     assert len(tab.val_curve.getData()[0]) == 5
+
+
+def test_stacks_without_voxel_size_train_at_the_one_typed_in(qtbot, stacks):
+    """.npy stacks (like .mat) record no voxel size: without the tab's Voxel size the run
+    warns that the model will have none; with it, the model records the one typed in."""
+    import numpy as np
+
+    from core.io import read_volume
+
+    raws, labels, d = stacks
+    bare = []
+    for i, (r, l) in enumerate(zip(raws, labels)):
+        for path, name in ((r, "raw"), (l, "labels")):
+            np.save(d / f"bare_{i}_{name}.npy", read_volume(path).data)
+        bare.append((str(d / f"bare_{i}_raw.npy"), str(d / f"bare_{i}_labels.npy")))
+    for typed, expected in (("", None), ("0.5, 0.2, 0.2", [0.5, 0.2, 0.2])):
+        tab = TrainTab()
+        qtbot.addWidget(tab)
+        for r, l in bare:
+            tab.train_data.add_pair(r, l)
+        out = d / f"bare_{bool(typed)}.pt"
+        tab.out.setText(str(out))
+        tab.epochs.setValue(1)
+        tab.iterations.setValue(2)
+        tab.patch.setText("8, 32, 32")
+        tab.voxel_size.setText(typed)
+        with qtbot.waitSignal(tab.panel.stopped, timeout=180000):
+            tab.panel.run_button.click()
+        assert not tab.panel.last_error, tab.panel.last_error
+        assert read_model_summary(out)["voxel_size_um"] == expected
+        warned = "no training stack records a voxel size" in tab.panel.log.toPlainText()
+        assert warned == (not typed)

@@ -108,6 +108,44 @@ def test_input_with_another_voxel_size_comes_back_on_its_own_grid(run, tmp_path)
     assert labels.voxel_size == pytest.approx(coarse.voxel_size)
 
 
+def test_a_stack_without_voxel_size_is_resampled_from_the_one_given(run, tmp_path, capsys):
+    """A .npy records no voxel size: without --voxel-size the model's is assumed (and
+    said); with it, the stack is resampled to the model's grid and keeps its own."""
+    d, raw, lab = run
+    vol = read_volume(str(raw[2]))
+    src = tmp_path / "coarse.npy"
+    np.save(src, vol.data[:, ::2, ::2])
+    assert main(["predict", "--model", str(d / "model.pt"), "--out", str(tmp_path / "a"),
+                 str(src)]) == 0
+    said = capsys.readouterr().err  # log lines go to stderr, above the progress bars
+    assert "no voxel size recorded; assuming the model's (1.0, 0.3, 0.3) um" in said
+    assert "--voxel-size" in said and "resampling" not in said
+    assert main(["predict", "--model", str(d / "model.pt"), "--out", str(tmp_path / "b"),
+                 "--voxel-size", "1,0.6,0.6", str(src)]) == 0
+    assert "resampling from voxel size (1.0, 0.6, 0.6) um" in capsys.readouterr().err
+    labels = read_labels(str(tmp_path / "b" / "coarse_cells.tif"))
+    assert labels.shape == (vol.shape[0], vol.shape[1] // 2, vol.shape[2] // 2)
+    assert labels.voxel_size == pytest.approx((1.0, 0.6, 0.6))
+
+
+def test_no_voxel_size_anywhere_is_said_with_what_to_do(run):
+    from dataclasses import replace
+
+    from core.checkpoint import load_model_for_inference
+    from core.pipeline import segment_stack
+    from core.volume import Volume
+
+    d, raw, lab = run
+    model, info = load_model_for_inference(d / "model.pt", "cpu")
+    said = []
+    segment_stack(Volume(read_volume(str(raw[2])).data, None, "bare"), model,
+                  replace(info, voxel_size_um=None),
+                  progress=lambda e: said.append(e.message or ""))
+    text = " ".join(said)
+    assert "neither the stack nor the model records a voxel size" in text
+    assert "1 um" in text and "--voxel-size" in text and "Voxel size" in text
+
+
 def test_a_bad_input_among_many_is_reported_and_the_others_are_done(run, tmp_path, capsys):
     d, raw, lab = run
     code = main(["predict", "--model", str(d / "model.pt"), "--out", str(tmp_path), "--quiet",
