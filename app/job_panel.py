@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit,
                                QPushButton, QVBoxLayout, QWidget)
 
 from app.worker import Job
+from core.errors import EpiSegError
 from core.jobs import ProgressEvent
 
 
@@ -121,6 +122,19 @@ class JobPanel(QWidget):
             self.show_problem(" ".join(problems))
             return True
         return False
+
+    def config_or_refuse(self, problems, make_config: Callable[[], Any]) -> Any:
+        """The run's config from ``make_config()``, or None after showing what stops the
+        run: ``problems`` (a list of sentences) or the form's error (a ConfigError
+        names the field). ``make_config`` is called only when there are no problems."""
+        problems = list(problems)
+        config = None
+        if not problems:
+            try:
+                config = make_config()
+            except EpiSegError as err:
+                problems.append(str(err))
+        return None if self.refuse(problems) else config
 
     def show_problem(self, message: str) -> None:
         """Tell the user what is wrong (dialog + log) without starting anything."""

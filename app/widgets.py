@@ -1,4 +1,5 @@
-"""Small form widgets shared by the tabs: file pickers and a file list with drag-and-drop."""
+"""Small form widgets shared by the tabs: file pickers, a file list with drag-and-drop,
+and (z, y, x) text fields."""
 
 from __future__ import annotations
 
@@ -153,6 +154,19 @@ def form_box(title: str, rows, *more_columns) -> QGroupBox:
     box = QGroupBox(title)
     box.setLayout(columns)
     return box
+
+
+def vec3_text(values) -> str:
+    """(z, y, x) values as a field shows them ("1, 0.3, 0.3"); "" for None."""
+    return "" if values is None else ", ".join(f"{v:g}" for v in values)
+
+
+def vec3_field(placeholder: str, tooltip: str = "") -> QLineEdit:
+    """A text field for (z, y, x) values; the config parses and checks what is typed."""
+    field = QLineEdit()
+    field.setPlaceholderText(placeholder)
+    field.setToolTip(tooltip)
+    return field
 
 
 def looks_like_labels(path: str) -> bool:

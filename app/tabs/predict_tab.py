@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QLineEdit, QListWidget,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QLabel, QListWidget,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
-from app.widgets import FileList, PathField, form_box
+from app.widgets import FileList, PathField, form_box, vec3_field, vec3_text
 from core.config import apply_overrides
-from core.errors import EpiSegError
 from core.pipeline import FileResult, PredictConfig, predict_files
 from core.resources import default_model
 
@@ -48,9 +47,8 @@ class PredictTab(QWidget):
         self.format = QComboBox()
         self.format.addItems(["tif", "mat", "h5"])
         self.format.setToolTip("tif: Fiji / ImageJ; mat: MATLAB; h5: HDF5")
-        self.voxel_size = QLineEdit()
-        self.voxel_size.setPlaceholderText("z, y, x um; only for stacks whose files record none")
-        self.voxel_size.setToolTip(
+        self.voxel_size = vec3_field(
+            "z, y, x um; only for stacks whose files record none",
             "The voxel size of stacks whose files record none (.mat, .npy, some TIFFs). "
             "Empty: the model's training voxel size is assumed. A wrong one makes the network "
             "see cells at the wrong scale: give the microscope's.")
@@ -97,8 +95,7 @@ class PredictTab(QWidget):
         self.tta.setChecked(cfg.tta)
         self.flags.setChecked(cfg.flags)
         self.probabilities.setChecked(cfg.save_probabilities)
-        vs = cfg.input_voxel_size_um
-        self.voxel_size.setText(", ".join(f"{v:g}" for v in vs) if vs else "")
+        self.voxel_size.setText(vec3_text(cfg.input_voxel_size_um))
 
     def config(self) -> PredictConfig:
         """The form's settings on top of the loaded config (ConfigError names the field)."""
@@ -124,12 +121,8 @@ class PredictTab(QWidget):
         return out
 
     def run(self) -> None:
-        problems = self.problems()
-        try:
-            cfg = self.config() if not problems else None
-        except EpiSegError as err:
-            problems.append(str(err))
-        if self.panel.refuse(problems):
+        cfg = self.panel.config_or_refuse(self.problems(), self.config)
+        if cfg is None:
             return
         self.result_list.clear()
         self.flag_table.setRowCount(0)

@@ -20,16 +20,12 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout
 
 from app.job_panel import JobPanel
 from app.stack_inspector import StackInspector
-from app.widgets import FileList, PathField, form_box
+from app.widgets import FileList, PathField, form_box, vec3_field, vec3_text
 from core.config import apply_overrides
 from core.preprocess import PreprocessConfig
 from core.preprocess_files import PreprocessedFile, preprocess_files
 
 RESAMPLE_CHOICES = ("keep the voxel size", "to a voxel size (um)", "by zoom factors")
-
-
-def vec3_text(values) -> str:
-    return "" if values is None else ", ".join(f"{v:g}" for v in values)
 
 
 class PreprocessTab(QWidget):
@@ -60,8 +56,7 @@ class PreprocessTab(QWidget):
         resample = QHBoxLayout()
         resample.addWidget(self.resample)
         resample.addWidget(self.resample_values, 1)
-        self.input_voxel = QLineEdit()
-        self.input_voxel.setPlaceholderText("z, y, x um; only when the file records none")
+        self.input_voxel = vec3_field("z, y, x um; only when the file records none")
         self.anti_aliasing = QCheckBox("Smooth before shrinking (anti-aliasing)")
         self.normalise = QComboBox()
         self.normalise.addItems(["zscore", "robust", "percentile", "none"])

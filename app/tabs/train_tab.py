@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import pyqtgraph as pg
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout,
                                QSpinBox, QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
-from app.widgets import DataTable, PathField, form_box
+from app.widgets import DataTable, PathField, form_box, vec3_field, vec3_text
 from core.config import apply_overrides
-from core.errors import EpiSegError
 from core.jobs import ProgressEvent
 from core.resources import default_model
 from core.train import DEFAULT_TARGET, TrainConfig, train
@@ -65,11 +64,9 @@ class TrainTab(QWidget):
         self.amp.setToolTip("Mixed precision (auto: on with CUDA, and on a CPU that computes "
                             "bf16 in hardware; off elsewhere on the CPU. 'on' forces it even "
                             "where the CPU emulates bf16: about 35x slower there)")
-        self.patch = QLineEdit()
-        self.patch.setPlaceholderText("automatic (from the memory); or z, y, x voxels")
-        self.voxel_size = QLineEdit()
-        self.voxel_size.setPlaceholderText("z, y, x um; empty = the first stack's")
-        self.voxel_size.setToolTip(
+        self.patch = vec3_field("automatic (from the memory); or z, y, x voxels")
+        self.voxel_size = vec3_field(
+            "z, y, x um; empty = the first stack's",
             "The voxel size the model trains at; stacks with another one are resampled to it, "
             "and stacks whose files record none (.mat, .npy) are taken to have it. Without any, "
             "the model has none and prediction measures cells in 1 um voxels.")
@@ -150,8 +147,7 @@ class TrainTab(QWidget):
         self.iterations.setValue(cfg.iterations_per_epoch)
         self.minutes.setValue(cfg.max_minutes or 0)
         self.amp.setCurrentText(cfg.amp)
-        vs = cfg.data.target_voxel_size_um
-        self.voxel_size.setText(", ".join(f"{v:g}" for v in vs) if vs else "")
+        self.voxel_size.setText(vec3_text(cfg.data.target_voxel_size_um))
 
     def config(self) -> TrainConfig:
         """The form's settings on top of the loaded config (ConfigError names the field)."""
@@ -190,12 +186,8 @@ class TrainTab(QWidget):
         return out
 
     def run(self) -> None:
-        problems = self.problems()
-        try:
-            cfg = self.config() if not problems else None
-        except EpiSegError as err:
-            problems.append(str(err))
-        if self.panel.refuse(problems):
+        cfg = self.panel.config_or_refuse(self.problems(), self.config)
+        if cfg is None:
             return
         if not self.resume.isChecked():
             self.reset_curves()

@@ -44,18 +44,29 @@ def trained(tmp_path_factory):
     return d, raw, lab
 
 
-def test_predict_tab_runs_shows_cells_and_flags(qtbot, trained):
-    d, raw, lab = trained
+def predict_from_the_tab(qtbot, model, stack, out_dir, **fields):
+    """A main window whose Predict tab ran ``stack`` (text fields set by name first)."""
     w = MainWindow()
     qtbot.addWidget(w)
     tab = w.predict_tab
-    tab.model.setText(str(d / "model.pt"))
-    tab.inputs.add([str(raw[1])])
-    tab.out_dir.setText(str(d / "gui_out"))
-    tab.format.setCurrentText("mat")
+    tab.model.setText(str(model))
+    tab.inputs.add([str(stack)])
+    tab.out_dir.setText(str(out_dir))
+    for name, text in fields.items():
+        field = getattr(tab, name)
+        if hasattr(field, "setCurrentText"):  # a choice
+            field.setCurrentText(text)
+        else:
+            field.setText(text)
     with qtbot.waitSignal(tab.panel.stopped, timeout=120000):
         tab.panel.run_button.click()
     assert not tab.panel.last_error
+    return w, tab
+
+
+def test_predict_tab_runs_shows_cells_and_flags(qtbot, trained):
+    d, raw, lab = trained
+    w, tab = predict_from_the_tab(qtbot, d / "model.pt", raw[1], d / "gui_out", format="mat")
     written = d / "gui_out" / "synth_001_raw_cells.mat"
     assert written.exists()
     assert tab.result_list.count() == 1 and "cells" in tab.result_list.item(0).text()
@@ -89,16 +100,8 @@ def test_the_voxel_size_typed_in_is_used_for_a_stack_that_records_none(qtbot, tr
     d, raw, lab = trained
     stack = d / "no_voxel_size.npy"
     np.save(stack, read_labels(str(raw[1])).data[:, ::2, ::2])  # any array will do
-    w = MainWindow()
-    qtbot.addWidget(w)
-    tab = w.predict_tab
-    tab.model.setText(str(d / "model.pt"))
-    tab.inputs.add([str(stack)])
-    tab.out_dir.setText(str(d / "gui_voxel"))
-    tab.voxel_size.setText("1, 0.6, 0.6")
-    with qtbot.waitSignal(tab.panel.stopped, timeout=120000):
-        tab.panel.run_button.click()
-    assert not tab.panel.last_error
+    w, tab = predict_from_the_tab(qtbot, d / "model.pt", stack, d / "gui_voxel",
+                                  voxel_size="1, 0.6, 0.6")
     assert "resampling from voxel size (1.0, 0.6, 0.6) um" in tab.panel.log.toPlainText()
     labels = read_labels(str(d / "gui_voxel" / "no_voxel_size_cells.tif"))
     assert labels.shape == (16, 48, 48)
