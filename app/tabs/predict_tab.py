@@ -49,7 +49,7 @@ class PredictTab(QWidget):
         self.format.setToolTip("tif: Fiji / ImageJ; mat: MATLAB; h5: HDF5")
         self.voxel_size = vec3_field(
             "z, y, x um; only for stacks whose files record none",
-            "The voxel size of stacks whose files record none (.mat, .npy, some TIFFs). "
+            "The voxel size of stacks whose files record none (most .mat files, .npy, some TIFFs). "
             "Empty: the model's training voxel size is assumed. A wrong one makes the network "
             "see cells at the wrong scale: give the microscope's.")
         self.tta = QCheckBox("Test-time augmentation (average over flips; slower)")
