@@ -49,9 +49,9 @@ class PredictTab(QWidget):
         self.format.setToolTip("tif: Fiji / ImageJ; mat: MATLAB; h5: HDF5")
         self.voxel_size = vec3_field(
             "z, y, x um; only for stacks whose files record none",
-            "The voxel size of stacks whose files record none (most .mat files, .npy, some TIFFs). "
-            "Empty: the model's training voxel size is assumed. A wrong one makes the network "
-            "see cells at the wrong scale: give the microscope's.")
+            "The voxel size of stacks whose files record none (most .mat files, .npy, "
+            "some TIFFs). Empty: the model's training voxel size is assumed. A wrong one makes "
+            "the network see cells at the wrong scale: give the microscope's.")
         self.tta = QCheckBox("Test-time augmentation (average over flips; slower)")
         self.tta.setToolTip(PredictConfig.__dataclass_fields__["tta"].metadata["help"])
         self.flags = QCheckBox("Rank the cells most likely wrong (flags)")

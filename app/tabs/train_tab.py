@@ -68,8 +68,8 @@ class TrainTab(QWidget):
         self.voxel_size = vec3_field(
             "z, y, x um; empty = the first stack's",
             "The voxel size the model trains at; stacks with another one are resampled to it, "
-            "and stacks whose files record none (most .mat files, .npy) are taken to have it. Without any, "
-            "the model has none and prediction measures cells in 1 um voxels.")
+            "and stacks whose files record none (most .mat files, .npy) are taken to have it. "
+            "Without any, the model has none and prediction measures cells in 1 um voxels.")
         self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")
         if default_model() is not None:
             self.init.add_choice("Default model", str(default_model()),
