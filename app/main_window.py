@@ -297,8 +297,10 @@ class MainWindow(QMainWindow):
         self.viewer.set_image(image.data, image.voxel_size)
         if labels is not None:
             self.viewer.set_labels(labels.data)
-        self.statusBar().showMessage(f"{image.name}: {image.shape} {image.data.dtype}, voxel "
-                                     f"{image.voxel_size or 'unknown'} um", 10000)
+        voxel = (f"voxel {image.voxel_size} um" if image.voxel_size
+                 else "voxel size not recorded")
+        self.statusBar().showMessage(f"{image.name}: {image.shape} {image.data.dtype}, {voxel}",
+                                     10000)
 
     def open_sample(self) -> None:
         from core.demo import REAL_SAMPLE
