@@ -52,6 +52,8 @@ class DemoSummary:
     epochs: int
     cells_real: Optional[int]
     outputs: List[Path] = field(default_factory=list)
+    #: cells the fine-tuned model started from (the bundled one) finds on the real stack
+    cells_real_before: Optional[int] = None
 
 
 def _write_json(path: Path, data: Any) -> Path:
@@ -125,10 +127,10 @@ def run_demo(out_dir: Path, settings: Optional[DemoSettings] = None, *,
         for ext in (".tif", ".mat"):
             label_files.append(write_volume(cells_dir / f"{stem}_cells{ext}", res.labels,
                                             labels=True))
-        shown.setdefault("synthetic", (raw, gt, res.labels, stem))
+        shown.setdefault("synthetic", (raw, gt, res.labels, stem, None))
 
     real = s.real_sample or REAL_SAMPLE
-    cells_real = None
+    cells_real = cells_before = None
     if real.exists():
         log.message(f"4/5 predicting cells on a real stack: {real.name}")
         vol = read_volume(real)
@@ -137,7 +139,13 @@ def run_demo(out_dir: Path, settings: Optional[DemoSettings] = None, *,
         for ext in (".tif", ".mat"):
             label_files.append(write_volume(cells_dir / f"{real.stem}_cells{ext}", res.labels,
                                             labels=True))
-        shown["real"] = (vol, None, res.labels, real.stem)
+        before = None
+        if init:  # the model fine-tuned from, on the same real stack: what training changed
+            model0, info0 = load_model_for_inference(init, "cpu")
+            res0 = segment_stack(vol, model0, info0, config=pconf, work_dir=out, cancel=cancel)
+            cells_before = res0.n_cells
+            before = (f"{Path(init).stem} model before fine-tuning", res0.labels)
+        shown["real"] = (vol, None, res.labels, real.stem, before)
 
     summary_metrics = _mean_metrics(rows)
     metrics_path = _write_json(out / "metrics.json", {
@@ -145,7 +153,9 @@ def run_demo(out_dir: Path, settings: Optional[DemoSettings] = None, *,
         "training": {"epochs": result.epochs, "best_epoch": result.best_epoch,
                      "minutes": train_seconds / 60, "stopped": result.stopped,
                      "train_losses": result.train_losses, "valid_losses": result.valid_losses},
-        "real_stack": {"file": str(real), "cells": cells_real} if cells_real is not None else None,
+        "real_stack": ({"file": str(real), "cells": cells_real,
+                        "cells_before_fine_tuning": cells_before}
+                       if cells_real is not None else None),
     })
 
     # 5. figure
@@ -154,7 +164,7 @@ def run_demo(out_dir: Path, settings: Optional[DemoSettings] = None, *,
     draw_demo_figure(figure, shown, result.train_losses, result.valid_losses,
                      [m.get("ap50", np.nan) for m in result.valid_metrics])
     return DemoSummary(out, model_path, figure, metrics_path, label_files, rows, train_seconds,
-                       result.epochs, cells_real)
+                       result.epochs, cells_real, cells_real_before=cells_before)
 
 
 def _mean_metrics(rows: List[Dict[str, Any]]) -> Dict[str, float]:
@@ -165,11 +175,15 @@ def _mean_metrics(rows: List[Dict[str, Any]]) -> Dict[str, float]:
 
 def draw_demo_figure(path: Path, shown: Dict[str, Any], train_losses, valid_losses,
                      valid_ap50) -> Path:
-    """XY and XZ slices with cell overlays for each shown stack, plus the loss curves."""
+    """XY and XZ slices with cell overlays for each shown stack, plus the loss curves.
+
+    ``shown`` maps a key to (raw, ground truth or None, cells, name, other): ``other``
+    is None or (title, cells) drawn beside the cells, e.g. the model before fine-tuning.
+    """
     from core.figures import enlarge, line_plot, overlay, save_figure
 
     panels = []
-    for key, (raw, gt, pred, stem) in shown.items():
+    for key, (raw, gt, pred, stem, other) in shown.items():
         z = raw.shape[0] // 2
         y = raw.shape[1] // 2
         vz, vy, vx = raw.voxel_size_or()
@@ -177,11 +191,16 @@ def draw_demo_figure(path: Path, shown: Dict[str, Any], train_losses, valid_loss
         if gt is not None:
             row.append((f"ground truth, XY z={z}", overlay(raw.data[z], gt.data[z])))
         row.append((f"EpiSeg cells, XY z={z}", overlay(raw.data[z], pred.data[z])))
+        if other is not None:
+            row.append((f"{other[0]}, XY z={z}", overlay(raw.data[z], other[1].data[z])))
         if gt is not None:
             row.append((f"ground truth, XZ y={y}",
                         overlay(raw.data[:, y], gt.data[:, y], aspect=vz / vx)))
         row.append((f"EpiSeg cells, XZ y={y}",
                     overlay(raw.data[:, y], pred.data[:, y], aspect=vz / vx)))
+        if other is not None:
+            row.append((f"{other[0]}, XZ y={y}",
+                        overlay(raw.data[:, y], other[1].data[:, y], aspect=vz / vx)))
         row += [("", np.full((1, 1, 3), 255, np.uint8))] * (5 - len(row))
         panels += [(name, enlarge(p, 300)) for name, p in row]
     panels.append(("loss per epoch", line_plot([

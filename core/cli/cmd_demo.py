@@ -49,7 +49,10 @@ def run(args) -> int:
               f"{row['n_gt_cells']} true; AP50 {row['ap50']:.3f}, cell IoU {row['cell_iou']:.3f}, "
               f"adapted Rand error {row['adapted_rand_error']:.3f}")
     if summary.cells_real is not None:
-        print(f"  real C. elegans stack: {summary.cells_real} cells")
+        before = ("" if summary.cells_real_before is None else
+                  f" ({summary.cells_real_before} with the model before fine-tuning; "
+                  "both in the figure)")
+        print(f"  real C. elegans stack: {summary.cells_real} cells{before}")
     print(f"  figure   {summary.figure}")
     print(f"  metrics  {summary.metrics}")
     print(f"  model    {summary.model}")
