@@ -492,6 +492,11 @@ class _Run:
         if self.progress is not None:
             self.progress(ProgressEvent(stage, 0.0, None, text, dict(data), None))
 
+    def warn(self, text: str, stage: str = "train") -> None:
+        """A warning: said now, and kept for the run's result (the CLI repeats it at the end)."""
+        self.warnings.append(text)
+        self.say(f"warning: {text}", stage=stage)
+
     def elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.t0)
 
@@ -579,8 +584,7 @@ def train(config: TrainConfig, out_path: Union[str, Path], *, resume: bool = Fal
     device = resolve_device(cfg.device)
     use_amp, amp_dtype, use_scaler, amp_text = amp_settings(cfg.amp, device)
     if use_amp and device.type == "cpu" and not cpu_has_native_bf16():
-        run.warnings.append(EMULATED_BF16_WARNING)
-        run.say(EMULATED_BF16_WARNING, stage="load")
+        run.warn(EMULATED_BF16_WARNING, stage="load")
     old_threads = torch.get_num_threads()
     threads = cfg.threads or max(1, physical_cores() // (world.size if device.type == "cpu"
                                                          and world.distributed else 1))
@@ -624,8 +628,7 @@ def _load_sources(run: _Run, sources: Sequence[DataSource], target: str,
         if voxel_size is None and vol.voxel_size is not None:
             voxel_size = vol.voxel_size
         for w in vol.warnings:
-            run.warnings.append(w)
-            run.say(f"warning: {w}", stage="load")
+            run.warn(w, stage="load")
         vols.append(vol)
     return vols, voxel_size
 
@@ -674,8 +677,7 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
             run.say(f"validation: held out the last {cfg.data.val_fraction:.0%} of "
                     f"{tr.name.split(' (')[0]} along Y or X (the longer)", stage="load")
     if voxel_size is None:
-        run.warnings.append(NO_VOXEL_SIZE_WARNING)
-        run.say(f"warning: {NO_VOXEL_SIZE_WARNING}", stage="load")
+        run.warn(NO_VOXEL_SIZE_WARNING, stage="load")
 
     # -- model --
     if init_data is not None:
@@ -854,8 +856,7 @@ class _Context:
             self.use_amp = False
             text = (f"bf16 mixed precision gave non-finite gradients in {self.steps_skipped} "
                     f"steps (skipped); training goes on in float32.")
-            self.run.warnings.append(text)
-            self.run.say(text)
+            self.run.warn(text)
 
     # -- validation --
     @torch.no_grad()
