@@ -219,7 +219,9 @@ class ModelInfo:
     voxel_size_um: training voxel size (z, y, x) um, or None (unknown); new
     volumes should be resampled to it. normalisation: the mode and parameters
     to apply per volume (:func:`core.preprocess.normalise`). channels: output
-    channel names in order ("cell", "boundary").
+    channel names in order ("cell", "boundary"). segment: the post-processing
+    settings chosen on the training's validation stacks (:mod:`core.segment_choice`;
+    empty: the shipped ones), segment_choice: that search's report, or None.
     """
 
     path: str
@@ -236,6 +238,8 @@ class ModelInfo:
     test_metrics: Dict[str, Any] = field(default_factory=dict)
     episeg_version: str = ""
     created: str = ""
+    segment: Dict[str, Any] = field(default_factory=dict)
+    segment_choice: Optional[Dict[str, Any]] = None
 
 
 def model_info(data: Mapping[str, Any], path: Union[str, Path] = "") -> ModelInfo:
@@ -257,6 +261,7 @@ def model_info(data: Mapping[str, Any], path: Union[str, Path] = "") -> ModelInf
         best_metric=dict(data.get("best_metric") or {}), valid_metrics=dict(best_vm),
         test_metrics=dict(data.get("test_metrics") or {}),
         episeg_version=str(data.get("episeg_version", "")), created=str(data.get("created", "")),
+        segment=dict(data.get("segment") or {}), segment_choice=data.get("segment_choice"),
     )
 
 
@@ -303,6 +308,7 @@ def read_model_summary(path: Union[str, Path]) -> Dict[str, Any]:
         "valid_metrics": info.valid_metrics, "test_metrics": info.test_metrics,
         "model_config": data["model_config"], "episeg_version": info.episeg_version,
         "created": info.created, "finished": bool(data.get("finished", False)),
+        "segment": info.segment, "segment_choice": info.segment_choice,
     }
 
 

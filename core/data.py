@@ -98,6 +98,11 @@ class TrainVolume:
     foreground: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     source: str = ""
     warnings: List[str] = field(default_factory=list)
+    #: A held-out part split from a stack: the image of the part with as many
+    #: training voxels beside it, and the part's ZYX slices in that image, so
+    #: the post-processing search can segment it in context
+    #: (:mod:`core.segment_choice`). None for whole volumes.
+    context: Optional[Tuple[np.ndarray, Tuple[slice, slice, slice]]] = None
 
     @property
     def shape(self) -> Triple:
@@ -107,7 +112,8 @@ class TrainVolume:
         """(train part, held-out part): the last ``fraction`` along Y or X (the longer).
 
         Epithelial cells span the stack in Z, so the split is across the
-        tissue plane; the two parts share no voxel.
+        tissue plane; the two parts share no voxel. The held-out part's
+        ``context`` is its image with up to as many training voxels beside it.
         """
         if axis is None:
             axis = 1 if self.shape[1] >= self.shape[2] else 2
@@ -130,6 +136,10 @@ class TrainVolume:
                 targets=targets, labels=part(self.labels, lo, hi, axis),
                 weight=part(self.weight, lo, hi, axis), voxel_size=self.voxel_size,
                 foreground=foreground_indices(targets), source=self.source))
+        lo = max(0, cut - (n - cut))
+        region = [slice(None)] * 3
+        region[axis] = slice(cut - lo, n - lo)
+        out[1].context = (part(self.image, lo, n, axis), tuple(region))
         return out[0], out[1]
 
 

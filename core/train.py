@@ -74,7 +74,7 @@ from core.data import (AugmentConfig, Augmenter, PatchSampler, TrainVolume, auto
                        wall_yx_channels)
 from core.ema import WeightAverage
 from core.errors import ConfigError, EpiSegError, JobCancelled, ModelFileError
-from core.jobs import CancelFlag, ProgressEvent, ProgressFn, is_cancelled
+from core.jobs import CancelFlag, ProgressEvent, ProgressFn, check_cancelled, is_cancelled
 from core.losses import LOSSES, make_loss
 from core.precision import cpu_has_native_bf16
 from core.preprocess import NormalisationConfig
@@ -211,6 +211,10 @@ class ValidationConfig:
                           "cell-level metrics (keeps validation cheap)."})
     patches_per_volume: int = field(default=8, metadata={
         "min": 1, "help": "Fixed patches per validation volume for the validation loss."})
+    choose_post_processing: bool = field(default=True, metadata={
+        "help": "After training, try other seed and merge settings on the validation stacks' "
+                "labels; the model keeps them where they score clearly higher than the shipped "
+                "ones, and 'episeg predict' uses them (core.segment_choice)."})
     segment: SegmentParams = field(default_factory=SegmentParams)
 
 
@@ -256,7 +260,8 @@ class TrainConfig:
 
 #: Keys that may differ between a checkpoint and the config that resumes it.
 RESUME_FREE_KEYS = ("epochs", "max_minutes", "device", "threads", "amp",
-                    "validation.metrics_every", "validation.max_voxels")
+                    "validation.metrics_every", "validation.max_voxels",
+                    "validation.choose_post_processing")
 
 
 def load_train_config(path: Union[str, Path]) -> TrainConfig:
@@ -319,6 +324,8 @@ class TrainResult:
     amp: str
     target: str
     warnings: List[str] = field(default_factory=list)
+    #: the post-processing search's report (SegmentChoice.to_dict()), or None
+    segment_choice: Optional[Dict[str, Any]] = None
 
     @property
     def best_valid_metrics(self) -> Dict[str, Any]:
@@ -463,6 +470,27 @@ def _centre_crop(vol: TrainVolume, max_voxels: int) -> TrainVolume:
         weight=None if vol.weight is None else vol.weight[sl])
 
 
+def _choice_view(vol: TrainVolume, max_voxels: int):
+    """(image, labels, region) on which the post-processing search segments and
+    scores ``vol``: a held-out part within its context (:meth:`TrainVolume.split`),
+    centre-cropped to about ``max_voxels`` along the axes it spans whole."""
+    if vol.context is None:
+        v = _centre_crop(vol, max_voxels)
+        return v.image, v.labels, None
+    image, region = vol.context
+    labels = vol.labels
+    whole = [a for a in (1, 2) if region[a] == slice(None)]
+    if image.size > max_voxels and whole:
+        f = (max_voxels / image.size) ** (1.0 / len(whole))
+        crop = [slice(None)] * 3
+        for a in whole:
+            n = image.shape[a]
+            m = max(1, int(n * f))
+            crop[a] = slice((n - m) // 2, (n - m) // 2 + m)
+        image, labels = image[tuple(crop)], labels[tuple(crop)]
+    return image, labels, region
+
+
 # ============================================================================ the run
 class _Run:
     """State of one training run (kept in one place so save/resume see everything)."""
@@ -486,6 +514,8 @@ class _Run:
         self.epochs_done = 0
         self.created: Optional[str] = None
         self.test_metrics: Dict[str, Any] = {}
+        #: the post-processing search's report (core.segment_choice), or None
+        self.segment_choice: Optional[Dict[str, Any]] = None
 
     # -- messages --
     def say(self, text: str, stage: str = "train", **data: Any) -> None:
@@ -753,6 +783,7 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         run.elapsed_before = float(saved.get("elapsed_s", 0.0))
         run.created = saved.get("created")
         run.test_metrics = dict(saved.get("test_metrics", {}))
+        run.segment_choice = saved.get("segment_choice")
 
     info = dict(target=target, voxel_size=voxel_size, patch=patch, device=str(device), amp=amp_text)
     spread = (f"; {world.size} processes (DistributedDataParallel), gradients of "
@@ -771,12 +802,20 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         ctx.average.load_state_dict(saved["weight_average"])
     stopped = ctx.loop(total_iters, budget_s)
     ddp.check_same_weights(model, world, device)
+    choice_vols = [_choice_view(v, cfg.validation.max_voxels) for v in val_vols
+                   if v.labels is not None]
+    if (world.main and cfg.validation.choose_post_processing and choice_vols
+            and run.best_state is not None):
+        choice = ctx.choose_post_processing(choice_vols)
+        run.segment_choice = choice.to_dict()
+        ctx.save(finished=run.epochs_done >= cfg.epochs)
+        run.say(choice.summary(), stage="post-processing", **run.segment_choice)
     return TrainResult(
         path=run.out, epochs=run.epochs_done, best_epoch=run.best_epoch,
         best_metric=ctx.best_metric(), train_losses=run.train_losses,
         valid_losses=run.valid_losses, valid_metrics=run.valid_metrics, stopped=stopped,
         seconds=run.elapsed(), patch_size=patch, voxel_size_um=voxel_size, device=str(device),
-        amp=amp_text, target=target, warnings=run.warnings)
+        amp=amp_text, target=target, warnings=run.warnings, segment_choice=run.segment_choice)
 
 
 class _Context:
@@ -916,6 +955,32 @@ class _Context:
         net.eval()
         return self.cell_metrics(net)
 
+    @torch.no_grad()
+    def choose_post_processing(self, views):
+        """Seeds and merging chosen with the kept best weights on ``views``
+        ((image, labels, region) per validation volume; :mod:`core.segment_choice`)."""
+        from core.predict import predict_probabilities
+        from core.segment_choice import ValidationCase, choose_segment_params
+
+        net = copy.deepcopy(self.kept)
+        net.load_state_dict(self.run.best_state)
+        net.eval()
+        names = tuple(self.model_cfg.channel_names)
+        seg = self.cfg.validation.segment
+        used = seg.channels_read(names)
+        self.run.say(f"choosing the post-processing on {len(views)} validation volume(s)",
+                     stage="post-processing")
+        cases = []
+        for image, labels, region in views:
+            check_cancelled(self.run.cancel, "Choosing the post-processing")
+            prob = predict_probabilities(net, image, device=self.device, amp=self.use_amp,
+                                         out_dtype=np.float32,
+                                         channels=[names.index(n) for n in used])
+            cases.append(ValidationCase({n: prob[i] for i, n in enumerate(used)}, labels,
+                                        self.voxel_size or (1.0, 1.0, 1.0), region))
+        return choose_segment_params(cases, seg, progress=self.run.progress,
+                                     cancel=self.run.cancel)
+
     # -- best model --
     def _key(self, val_loss: float, metrics: Dict[str, Any]) -> Optional[Tuple[float, float]]:
         name = self.cfg.validation.metric
@@ -971,6 +1036,9 @@ class _Context:
             "voxel_size_um": None if self.voxel_size is None else [float(v) for v in self.voxel_size],
             "patch_size": [int(v) for v in self.patch],
             "finished": bool(finished),
+            # post-processing chosen on the validation stacks (core.segment_choice)
+            "segment": dict((run.segment_choice or {}).get("chosen") or {}),
+            "segment_choice": run.segment_choice,
         }
         run.created = state["created"]
         save_model_file(run.out, state)

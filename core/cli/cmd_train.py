@@ -71,6 +71,10 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (default 0)")
+    p.add_argument("--no-post-processing-search", dest="choose_post_processing",
+                   action="store_false", default=None,
+                   help="do not try other seed and merge settings on the validation stacks "
+                        "after training (the model then predicts with the shipped ones)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -116,6 +120,7 @@ def build_config(args):
         "device": args.device,
         "threads": args.threads,
         "seed": args.seed,
+        "validation.choose_post_processing": args.choose_post_processing,
         "data.train": _sources(args.pair, args.h5),
         "data.val": _sources(args.val_pair, args.val_h5),
     }
@@ -166,6 +171,10 @@ def run(args) -> int:
     vloss = (result.valid_losses[result.best_epoch - 1]
              if 0 < result.best_epoch <= len(result.valid_losses) else float("nan"))
     print(f"best epoch {result.best_epoch}: val_loss {vloss:.4f}" + (f", {_fmt(best)}" if best else ""))
+    if result.segment_choice:
+        from core.segment_choice import SegmentChoice
+
+        print(SegmentChoice.from_dict(result.segment_choice).summary())
     for w in result.warnings:
         print(f"warning: {w}")
     print(f"wrote {result.path}")

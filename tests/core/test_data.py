@@ -252,6 +252,11 @@ def test_split_and_validation_patches_are_disjoint_and_reproducible():
     tr, va = vol.split(0.25)
     assert tr.shape[1] + va.shape[1] == 64 and tr.shape[0] == va.shape[0] == 16
     assert np.array_equal(np.concatenate([tr.image, va.image], axis=1), vol.image)
+    # the held-out part within as many training voxels beside it (for the post-processing search)
+    image, region = va.context
+    assert image.shape[1] == 2 * va.shape[1] and np.array_equal(image[region], va.image)
+    assert np.array_equal(image, vol.image[:, -image.shape[1]:])
+    assert tr.context is None
     a = validation_patches([vol], (8, 16, 16), per_volume=3, seed=5)
     b = validation_patches([vol], (8, 16, 16), per_volume=3, seed=5)
     assert len(a) == 3

@@ -319,6 +319,30 @@ def test_the_example_config_loads_with_its_paths_next_to_it():
     assert loaded == defaults  # the example shows the defaults
 
 
+def test_training_keeps_post_processing_chosen_on_the_held_out_part(stacks, tmp_path):
+    """One stack, no validation stack: the held-out part (segmented within its context)
+    decides the seeds and merging the model keeps; prediction reads them back."""
+    from core.segment_choice import CHOSEN_KEYS
+
+    events = []
+    path = tmp_path / "chosen.pt"
+    result = train(config(stacks, data={"val": []}, epochs=2), path, progress=events.append)
+    report = result.segment_choice
+    assert report is not None and report["stacks"] == 1 and report["settings_tried"] > 30
+    assert report["best_score"] >= report["shipped_score"]
+    saved = load_model_file(path)
+    assert saved["segment_choice"] == report and saved["segment"] == report["chosen"]
+    assert set(saved["segment"]) <= set(CHOSEN_KEYS)
+    assert model_info(saved, path).segment == report["chosen"]
+    searched = [e for e in events if e.stage == "post-processing" and e.total]
+    assert len(searched) == report["settings_tried"]
+    assert "post-processing" in [e for e in events if e.stage == "post-processing"][-1].message
+
+    off = train(config(stacks, data={"val": []}, epochs=1,
+                       validation={"choose_post_processing": False}), tmp_path / "off.pt")
+    assert off.segment_choice is None and load_model_file(tmp_path / "off.pt")["segment"] == {}
+
+
 def test_cli_train_resume_and_errors(stacks, tmp_path, capsys):
     out = tmp_path / "cli.pt"
     args = ["train", "--pair", *stacks["train"], "--val-pair", *stacks["val"], "--out", str(out),
@@ -326,7 +350,7 @@ def test_cli_train_resume_and_errors(stacks, tmp_path, capsys):
             "--target", "cells_with_gaps", "--quiet"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "best epoch 1" in text and str(out) in text
+    assert "best epoch 1" in text and str(out) in text and "post-processing" in text
     assert load_model_file(out)["epochs"] == 1
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
     assert load_model_file(out)["epochs"] == 2
