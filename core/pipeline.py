@@ -28,6 +28,7 @@ from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.scratch import release_pages, scratch_array
 from core.segment import SegmentParams, cell_and_boundary, cells_from_channels
+from core.segment_choice import describe, with_model_choice
 from core.volume import Volume, strided_sample
 
 #: Output formats and their file extensions.
@@ -59,7 +60,21 @@ class PredictConfig:
         "help": "auto uses a CUDA GPU when present, else the CPU."})
     input_voxel_size_um: Optional[Tuple[float, float, float]] = field(default=None, metadata={
         "gt": 0, "help": "Voxel size (z, y, x) um of inputs whose files record none."})
+    post_processing: Literal["model", "shipped"] = field(default="model", metadata={
+        "help": "model: the seed and merge settings the model chose on its validation stacks "
+                "('episeg train'), wherever the segment section leaves the shipped value; "
+                "shipped: the shipped settings always."})
     segment: SegmentParams = field(default_factory=SegmentParams)
+
+
+def segment_params(config: "PredictConfig", info) -> SegmentParams:
+    """The cell step's settings for a model: ``config.segment`` with the model's
+    chosen post-processing where the config keeps the shipped values
+    (:func:`core.segment_choice.with_model_choice`), unless ``post_processing``
+    is "shipped"."""
+    if config.post_processing == "shipped":
+        return config.segment
+    return with_model_choice(config.segment, getattr(info, "segment", None))
 
 
 #: How a user gives the voxel size of stacks whose files record none.
@@ -243,9 +258,13 @@ def segment_stack(
         store = back
     channel = {name: store[i] for i, name in enumerate(kept)}
     cells_vs = voxel_size or model_vs or (1.0, 1.0, 1.0)
+    params = segment_params(config, info)
+    if params != config.segment:
+        rep.message(f"{name}: post-processing chosen when the model was trained: "
+                    f"{describe(info.segment)}")
     labels = cells_from_channels(
         channel, voxel_size=cells_vs,
-        params=config.segment, work_dir=work_dir, progress=progress, cancel=cancel,
+        params=params, work_dir=work_dir, progress=progress, cancel=cancel,
     )
     times["cells"] = time.monotonic() - t2
     flags = None

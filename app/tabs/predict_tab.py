@@ -57,11 +57,15 @@ class PredictTab(QWidget):
         self.flags = QCheckBox("Rank the cells most likely wrong (flags)")
         self.flags.setChecked(True)
         self.probabilities = QCheckBox("Also save the probability maps")
+        self.model_post = QCheckBox("Seeds and merging as the model chose them in training")
+        self.model_post.setToolTip(
+            PredictConfig.__dataclass_fields__["post_processing"].metadata["help"])
+        self.model_post.setChecked(True)
 
         settings = form_box("Predict cells", [
             ("Model", self.model), ("Stacks", self.inputs), ("Output folder", self.out_dir),
             ("Format", self.format), ("Voxel size", self.voxel_size), ("", self.tta),
-            ("", self.flags),
+            ("", self.flags), ("", self.model_post),
             ("", self.probabilities)])
 
         self.panel = JobPanel("Predict")
@@ -95,6 +99,7 @@ class PredictTab(QWidget):
         self.tta.setChecked(cfg.tta)
         self.flags.setChecked(cfg.flags)
         self.probabilities.setChecked(cfg.save_probabilities)
+        self.model_post.setChecked(cfg.post_processing == "model")
         self.voxel_size.setText(vec3_text(cfg.input_voxel_size_um))
 
     def config(self) -> PredictConfig:
@@ -105,7 +110,9 @@ class PredictTab(QWidget):
             "input_voxel_size_um": self.voxel_size.text().strip() or None,
             "format": self.format.currentText(), "tta": self.tta.isChecked(),
             "flags": self.flags.isChecked(), "device": self.device,
-            "save_probabilities": self.probabilities.isChecked()}, where="Predict tab")
+            "save_probabilities": self.probabilities.isChecked(),
+            "post_processing": "model" if self.model_post.isChecked() else "shipped"},
+            where="Predict tab")
 
     def problems(self) -> List[str]:
         """What is missing before a run can start, in words."""

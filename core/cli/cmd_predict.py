@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="tiles per forward pass")
     p.add_argument("--voxel-size", type=voxel_size, metavar="Z,Y,X",
                    help="voxel size (um) of inputs whose files record none")
+    p.add_argument("--post-processing", choices=["model", "shipped"],
+                   help="model (default): the seed and merge settings the model chose on its "
+                        "validation stacks when it was trained; shipped: the shipped ones")
     p.add_argument("--min-cell-size", type=float, metavar="UM3",
                    help="cells smaller than this (cubic micrometres) join their neighbours")
     p.add_argument("--channel", type=int, help="channel to use in multi-channel stacks")
@@ -71,6 +74,7 @@ def build_config(args):
         "batch_size": args.batch_size,
         "input_voxel_size_um": args.voxel_size,
         "segment.min_cell_size_um3": args.min_cell_size,
+        "post_processing": args.post_processing,
     }
     return apply_overrides(config, {k: v for k, v in overrides.items() if v is not None})
 

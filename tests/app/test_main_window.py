@@ -54,7 +54,9 @@ def predict_from_the_tab(qtbot, model, stack, out_dir, **fields):
     tab.out_dir.setText(str(out_dir))
     for name, text in fields.items():
         field = getattr(tab, name)
-        if hasattr(field, "setCurrentText"):  # a choice
+        if isinstance(text, bool):  # a check box
+            field.setChecked(text)
+        elif hasattr(field, "setCurrentText"):  # a choice
             field.setCurrentText(text)
         else:
             field.setText(text)
@@ -62,6 +64,23 @@ def predict_from_the_tab(qtbot, model, stack, out_dir, **fields):
         tab.panel.run_button.click()
     assert not tab.panel.last_error
     return w, tab
+
+
+@pytest.mark.parametrize("use_it", [True, False])
+def test_predict_tab_uses_the_post_processing_the_model_chose_unless_unticked(
+        qtbot, trained, use_it):
+    from core.checkpoint import load_model_file, save_model_file
+
+    d, raw, lab = trained
+    chose = d / "chose.pt"
+    if not chose.exists():
+        data = load_model_file(d / "model.pt")
+        data["segment"] = {"merge_below": 0.0}
+        save_model_file(chose, data)
+    w, tab = predict_from_the_tab(qtbot, chose, raw[1], d / f"chose_{use_it}", model_post=use_it)
+    assert tab.config().post_processing == ("model" if use_it else "shipped")
+    said = "post-processing chosen when the model was trained: no merging"
+    assert (said in tab.panel.log.toPlainText()) == use_it
 
 
 def test_predict_tab_runs_shows_cells_and_flags(qtbot, trained):
