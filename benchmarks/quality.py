@@ -51,7 +51,6 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -68,7 +67,9 @@ from core.flags import (cell_flags, face_sliver_merges, flag_precision,  # noqa:
 from core.io import read_labels, read_volume, write_volume  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.pipeline import PredictConfig, segment_stack  # noqa: E402
-from core.segment import SegmentParams, cell_and_boundary, cells_from_channels  # noqa: E402
+from core.segment import cell_and_boundary  # noqa: E402
+from core.segment_choice import (MERGE_CANDIDATES, SEED_CANDIDATES,  # noqa: E402
+                                 ValidationCase, choose_segment_params)
 from core.synth import SynthParams, write_synthetic_dataset  # noqa: E402
 from core.train import TrainConfig, train  # noqa: E402
 from core.volume import Volume  # noqa: E402
@@ -134,31 +135,19 @@ SCREEN = ["classical", "thesis", "both", "all", "all_weighted_bce", "all_strong_
           "all_percentile", "all_wide"]
 
 #: Post-processing searched on the validation stacks of each trained variant:
-#: cascade seeds (thresholds x deepest erosion), interior seeds (thresholds x
-#: erosion), then distance-map seeds (threshold x h).
-SEGMENT_GRID: List[Dict[str, Any]] = [
-    {"seed_method": "cascade", "seed_threshold": t, "seed_max_boundary": b, "seed_erosion_um": e}
-    for t, b, e in itertools.product((0.6, 0.8), (0.2, 0.4), (1.0, 2.0, 3.0))
-] + [
-    {"seed_method": "interior", "seed_threshold": t, "seed_max_boundary": b, "seed_erosion_um": e}
-    for t, b, e in itertools.product((0.6, 0.8), (0.2, 0.4), (0.3, 0.6, 1.0, 2.0))
-] + [
-    {"seed_method": "distance", "seed_threshold": t, "seed_max_boundary": 1 - t, "seed_h_um": h}
-    for t, h in itertools.product((0.5, 0.7), (0.3, 0.45, 0.7))
-]
+#: the seeds that `episeg train` tries (core.segment_choice), without the
+#: distance seeds of h 1.5 and 3 um on the synthetic stacks.
+SEGMENT_GRID: List[Dict[str, Any]] = [c for c in SEED_CANDIDATES if c.get("seed_h_um", 0) < 1.5]
 #: Added for the real sample only: its cells are ~40 um wide at the assumed 1 um
 #: voxel (5x the synthetic cells), too large for the h values above. On the
 #: synthetic validation stacks h 1.5 won by a hair and lost on the test stacks
-#: (docs/accuracy.md), so the synthetic search keeps the grid above.
-REAL_EXTRA_GRID: List[Dict[str, Any]] = [
-    {"seed_method": "distance", "seed_threshold": t, "seed_max_boundary": 1 - t, "seed_h_um": h}
-    for t, h in itertools.product((0.5, 0.7), (1.5, 3.0))
-]
-#: Second stage of the search, on top of the best seeds (which merge at the
-#: default ``segment.merge_below``): other merge thresholds across weak walls
-#: (core/agglomerate.py; 0 = no merging), kept only when they raise the
-#: validation objective (docs/accuracy.md step 14).
-MERGE_GRID = (0.0, 0.3, 0.4, 0.6)
+#: (docs/accuracy.md step 6), so the synthetic search keeps the grid above
+#: (`episeg train` tries them too, but keeps only a clear gain).
+REAL_EXTRA_GRID: List[Dict[str, Any]] = [c for c in SEED_CANDIDATES if c not in SEGMENT_GRID]
+#: Second stage of the search, on top of the best seeds: other merge
+#: thresholds across weak walls (core/agglomerate.py; 0 = no merging), kept
+#: only when they raise the validation objective (docs/accuracy.md step 14).
+MERGE_GRID = MERGE_CANDIDATES
 #: In voxels of the stack's finest axis (0.3 um on the synthetic stacks, as
 #: before; 1 voxel on the real sample, whose voxel size is unknown).
 CLASSICAL_GRID_VOXELS = {
@@ -453,38 +442,22 @@ def tune_segmentation(model, info, stacks: Sequence[Tuple[Path, Path]],
                       ) -> Tuple[Dict[str, float], float]:
     """Best ``grid`` point on the validation stacks (objective: mean of AP50 - ARE),
     on probabilities predicted as the test stacks will be (with or without TTA);
-    then each ``merge_grid`` value on top of it, kept where it scores higher."""
-    cases = []
-    for raw, gt, region in tune_cases(stacks):
-        cases.append((gt, region, _probabilities(model, info, raw, tta),
-                      raw.voxel_size or info.voxel_size_um or (1.0, 1.0, 1.0)))
-
-    def score(params: Dict[str, Any]) -> float:
-        total = 0.0
-        for gt, region, probs, vs in cases:
-            labels = cells_from_channels(probs, voxel_size=vs,
-                                         params=replace(SegmentParams(), **params))
-            total += region_objective(gt, labels, region) / len(cases)
-        return total
-
-    best, best_score = {}, -np.inf
-    for params in grid:
-        value = score(params)
-        if value > best_score:
-            best, best_score = params, value
-    seeds = dict(best)
-    for below in merge_grid:
-        value = score({**seeds, "merge_below": below})
-        if value > best_score:
-            best, best_score = {**seeds, "merge_below": below}, value
-    return best, float(best_score)
+    then each ``merge_grid`` value on top of it, kept where it scores higher.
+    A free search (no clear gain needed over the shipped settings, unlike
+    `episeg train`): returns the best settings and their score."""
+    cases = [ValidationCase(_probabilities(model, info, raw, tta), gt[region],
+                            raw.voxel_size or info.voxel_size_um or (1.0, 1.0, 1.0), region)
+             for raw, gt, region in tune_cases(stacks)]
+    choice = choose_segment_params(cases, seed_candidates=grid, merge_candidates=merge_grid,
+                                   clear_gain=0.0)
+    return choice.best, choice.best_score
 
 
 def score_model(model_path: Path, tests, segment: Dict[str, float], tta: bool,
                 out_dir: Path) -> List[Dict[str, Any]]:
     model, info = load_model_for_inference(model_path, "cpu")
     pconf = from_dict(PredictConfig, {"tta": tta, "flags": False, "save_probabilities": True,
-                                      "segment": segment})
+                                      "segment": segment, "post_processing": "shipped"})
     rows = []
     for name, r, l in tests:
         raw, gt = read_volume(r), read_labels(l)
