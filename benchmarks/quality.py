@@ -68,8 +68,8 @@ from core.io import read_labels, read_volume, write_volume  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.pipeline import PredictConfig, segment_stack  # noqa: E402
 from core.segment import cell_and_boundary  # noqa: E402
-from core.segment_choice import (MERGE_CANDIDATES, SEED_CANDIDATES,  # noqa: E402
-                                 ValidationCase, choose_segment_params)
+from core.segment_choice import (CASCADE_SEEDS, DISTANCE_SEEDS,  # noqa: E402
+                                 MERGE_CANDIDATES, ValidationCase, choose_segment_params)
 from core.synth import SynthParams, write_synthetic_dataset  # noqa: E402
 from core.train import TrainConfig, train  # noqa: E402
 from core.volume import Volume  # noqa: E402
@@ -135,15 +135,20 @@ SCREEN = ["classical", "thesis", "both", "all", "all_weighted_bce", "all_strong_
           "all_percentile", "all_wide"]
 
 #: Post-processing searched on the validation stacks of each trained variant:
-#: the seeds that `episeg train` tries (core.segment_choice), without the
-#: distance seeds of h 1.5 and 3 um on the synthetic stacks.
-SEGMENT_GRID: List[Dict[str, Any]] = [c for c in SEED_CANDIDATES if c.get("seed_h_um", 0) < 1.5]
+#: cascade seeds (thresholds x deepest erosion), interior seeds (thresholds x
+#: erosion), then distance-map seeds (threshold x h); the cascade and distance
+#: seeds are those `episeg train` tries (core.segment_choice), which leaves out
+#: the interior seeds (docs/accuracy.md step 23).
+SEGMENT_GRID: List[Dict[str, Any]] = CASCADE_SEEDS + [
+    {"seed_method": "interior", "seed_threshold": t, "seed_max_boundary": b, "seed_erosion_um": e}
+    for t, b, e in itertools.product((0.6, 0.8), (0.2, 0.4), (0.3, 0.6, 1.0, 2.0))
+] + [c for c in DISTANCE_SEEDS if c["seed_h_um"] < 1.5]
 #: Added for the real sample only: its cells are ~40 um wide at the assumed 1 um
 #: voxel (5x the synthetic cells), too large for the h values above. On the
 #: synthetic validation stacks h 1.5 won by a hair and lost on the test stacks
 #: (docs/accuracy.md step 6), so the synthetic search keeps the grid above
 #: (`episeg train` tries them too, but keeps only a clear gain).
-REAL_EXTRA_GRID: List[Dict[str, Any]] = [c for c in SEED_CANDIDATES if c not in SEGMENT_GRID]
+REAL_EXTRA_GRID: List[Dict[str, Any]] = [c for c in DISTANCE_SEEDS if c["seed_h_um"] >= 1.5]
 #: Second stage of the search, on top of the best seeds: other merge
 #: thresholds across weak walls (core/agglomerate.py; 0 = no merging), kept
 #: only when they raise the validation objective (docs/accuracy.md step 14).
