@@ -102,15 +102,16 @@ class SegmentChoice:
     def summary(self) -> str:
         """One line for logs and the model card."""
         gain = self.best_score - self.shipped_score
+        took = f" in {self.seconds / 60:.1f} min" if self.seconds >= 1 else ""
         if self.chosen:
-            return (f"post-processing chosen on {self.stacks} validation stack(s): "
+            return (f"post-processing chosen on {self.stacks} validation stack(s){took}: "
                     f"{describe(self.chosen)} (AP50 - ARE {self.best_score:.3f} against "
                     f"{self.shipped_score:.3f} with the shipped settings)")
         if self.best:
-            return (f"post-processing: the shipped settings kept (AP50 - ARE "
+            return (f"post-processing: the shipped settings kept{took} (AP50 - ARE "
                     f"{self.shipped_score:.3f}; the best other, {describe(self.best)}, led by "
                     f"{gain:.3f}, under the {self.clear_gain:g} a choice needs)")
-        return (f"post-processing: the shipped settings kept (AP50 - ARE "
+        return (f"post-processing: the shipped settings kept{took} (AP50 - ARE "
                 f"{self.shipped_score:.3f}, the best of {self.settings_tried} tried)")
 
 

@@ -4,6 +4,7 @@ fine-tunes, and `episeg train` runs end to end."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -326,8 +327,12 @@ def test_training_keeps_post_processing_chosen_on_the_held_out_part(stacks, tmp_
 
     events = []
     path = tmp_path / "chosen.pt"
+    t0 = time.monotonic()
     result = train(config(stacks, data={"val": []}, epochs=2), path, progress=events.append)
+    wall = time.monotonic() - t0
     report = result.segment_choice
+    # the search is not training time (a --max-minutes budget, a resumed run's clock)
+    assert result.seconds <= wall - 0.9 * report["seconds"]
     assert report is not None and report["stacks"] == 1 and report["settings_tried"] > 20
     assert report["best_score"] >= report["shipped_score"]
     saved = load_model_file(path)
