@@ -170,6 +170,9 @@ def choose_segment_params(
         raise ValueError("choose_segment_params needs at least one validation case")
     shipped = shipped or SegmentParams()
     t0 = time.monotonic()
+    seed_candidates = [dict(c) for c in seed_candidates
+                       if not all(getattr(shipped, k) == v for k, v in c.items())]
+    merge_candidates = [float(b) for b in merge_candidates if float(b) != shipped.merge_below]
     total = 1 + len(seed_candidates) + len(merge_candidates)
     rep = ProgressReporter(progress, "post-processing", total=total)
     done = 0
@@ -181,24 +184,20 @@ def choose_segment_params(
         value, metrics = _score(cases, replace(shipped, **settings))
         scores.append((dict(settings), value))
         done += 1
-        rep.update(done, f"post-processing: {done}/{total} settings tried")
+        rep.update(done)
         return value, metrics
 
     shipped_score, shipped_metrics = run({})
     best, best_score, best_metrics = {}, shipped_score, shipped_metrics
-    for settings in seed_candidates:
-        if all(getattr(shipped, k) == v for k, v in settings.items()):
-            continue  # the shipped seeds: already scored
+    for settings in seed_candidates:  # the shipped seeds are left out: already scored
         value, metrics = run(settings)
         if value > best_score:
             best, best_score, best_metrics = dict(settings), value, metrics
     seeds = dict(best)
-    for below in merge_candidates:
-        if float(below) == float(replace(shipped, **seeds).merge_below):
-            continue
-        value, metrics = run({**seeds, "merge_below": float(below)})
+    for below in merge_candidates:  # on top of the best seeds, which merge as shipped
+        value, metrics = run({**seeds, "merge_below": below})
         if value > best_score:
-            best, best_score, best_metrics = {**seeds, "merge_below": float(below)}, value, metrics
+            best, best_score, best_metrics = {**seeds, "merge_below": below}, value, metrics
     chosen = dict(best) if best and best_score - shipped_score >= clear_gain else {}
     return SegmentChoice(
         chosen=chosen, shipped_score=float(shipped_score), best_score=float(best_score),
