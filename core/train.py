@@ -816,6 +816,9 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         run.segment_choice = choice.to_dict()
         ctx.save(finished=run.epochs_done >= cfg.epochs)
         run.say(choice.summary(), stage="post-processing", **run.segment_choice)
+    elif world.main and run.segment_choice is not None:  # a resumed run's, for other weights
+        run.segment_choice = None
+        ctx.save(finished=run.epochs_done >= cfg.epochs)
     return TrainResult(
         path=run.out, epochs=run.epochs_done, best_epoch=run.best_epoch,
         best_metric=ctx.best_metric(), train_losses=run.train_losses,

@@ -346,6 +346,11 @@ def test_training_keeps_post_processing_chosen_on_the_held_out_part(stacks, tmp_
     off = train(config(stacks, data={"val": []}, epochs=1,
                        validation={"choose_post_processing": False}), tmp_path / "off.pt")
     assert off.segment_choice is None and load_model_file(tmp_path / "off.pt")["segment"] == {}
+    # resumed without the search, the weights change: the old choice is not kept for them
+    resumed = train(config(stacks, data={"val": []}, epochs=3,
+                           validation={"choose_post_processing": False}), path, resume=True)
+    assert resumed.epochs == 3 and resumed.segment_choice is None
+    assert load_model_file(path)["segment_choice"] is None
 
 
 def test_cli_train_resume_and_errors(stacks, tmp_path, capsys):
