@@ -489,7 +489,9 @@ def _choice_view(vol: TrainVolume, max_voxels: int):
             n = image.shape[a]
             m = max(1, int(n * f))
             crop[a] = slice((n - m) // 2, (n - m) // 2 + m)
-        image, labels = image[tuple(crop)], labels[tuple(crop)]
+        # copies: the cropped context must not keep the whole one alive
+        image = np.ascontiguousarray(image[tuple(crop)])
+        labels = np.ascontiguousarray(labels[tuple(crop)])
     return image, labels, region
 
 
@@ -759,6 +761,12 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
                                      seed=seed, foreground_probability=cfg.foreground_probability)
     metric_vols = [_centre_crop(v, cfg.validation.max_voxels) for v in val_vols
                    if v.labels is not None]
+    # what the post-processing search will segment, cropped now: a held-out
+    # part's context (up to twice its size) is not kept whole through training
+    choice_vols = [_choice_view(v, cfg.validation.max_voxels) for v in val_vols
+                   if v.labels is not None]
+    for v in val_vols:
+        v.context = None
 
     # -- optimiser, schedule, scaler --
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr,
@@ -806,8 +814,6 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         ctx.average.load_state_dict(saved["weight_average"])
     stopped = ctx.loop(total_iters, budget_s)
     ddp.check_same_weights(model, world, device)
-    choice_vols = [_choice_view(v, cfg.validation.max_voxels) for v in val_vols
-                   if v.labels is not None]
     if (world.main and cfg.validation.choose_post_processing and choice_vols
             and run.best_state is not None):
         t_search = time.monotonic()
