@@ -936,23 +936,16 @@ class _Context:
     def cell_metrics(self, net) -> Dict[str, Any]:
         """Cell-level metrics of ``net`` (in eval mode) on the validation volumes."""
         from core.metrics import evaluate
-        from core.predict import predict_probabilities
         from core.segment import cells_from_channels
 
         metrics: Dict[str, Any] = {}
         per = []
-        names = tuple(self.model_cfg.channel_names)
-        seg = self.cfg.validation.segment
-        used = seg.channels_read(names)
         for vol in self.metric_vols:
             if is_cancelled(self.run.cancel):
                 break
-            prob = predict_probabilities(net, vol.image, device=self.device,
-                                         amp=self.use_amp, out_dtype=np.float32,
-                                         channels=[names.index(n) for n in used])
-            cells = cells_from_channels({n: prob[i] for i, n in enumerate(used)},
+            cells = cells_from_channels(self._channel_probabilities(net, vol.image),
                                         voxel_size=self.voxel_size or (1.0, 1.0, 1.0),
-                                        params=seg)
+                                        params=self.cfg.validation.segment)
             per.append(evaluate(vol.labels, cells).to_dict())
         if per:
             for key in ("ap50", "f1_50", "precision_50", "recall_50", "cell_iou",
@@ -963,38 +956,44 @@ class _Context:
                 metrics[key] = int(sum(p[key] for p in per))
         return metrics
 
-    def best_epoch_metrics(self) -> Dict[str, Any]:
-        """Cell-level metrics of the kept best weights (for an epoch that skipped them)."""
+    def _channel_probabilities(self, net, image: np.ndarray) -> Dict[str, np.ndarray]:
+        """``net``'s probabilities on ``image`` (ZYX) by channel name: the channels
+        the validation's cell step reads."""
+        from core.predict import predict_probabilities
+
+        names = tuple(self.model_cfg.channel_names)
+        used = self.cfg.validation.segment.channels_read(names)
+        prob = predict_probabilities(net, image, device=self.device, amp=self.use_amp,
+                                     out_dtype=np.float32,
+                                     channels=[names.index(n) for n in used])
+        return {n: prob[i] for i, n in enumerate(used)}
+
+    def _best_net(self):
+        """A copy of the kept network with the best weights, in eval mode."""
         net = copy.deepcopy(self.kept)
         net.load_state_dict(self.run.best_state)
-        net.eval()
-        return self.cell_metrics(net)
+        return net.eval()
+
+    def best_epoch_metrics(self) -> Dict[str, Any]:
+        """Cell-level metrics of the kept best weights (for an epoch that skipped them)."""
+        return self.cell_metrics(self._best_net())
 
     @torch.no_grad()
     def choose_post_processing(self, views):
         """Seeds and merging chosen with the kept best weights on ``views``
         ((image, labels, region) per validation volume; :mod:`core.segment_choice`)."""
-        from core.predict import predict_probabilities
         from core.segment_choice import ValidationCase, choose_segment_params
 
-        net = copy.deepcopy(self.kept)
-        net.load_state_dict(self.run.best_state)
-        net.eval()
-        names = tuple(self.model_cfg.channel_names)
-        seg = self.cfg.validation.segment
-        used = seg.channels_read(names)
+        net = self._best_net()
         self.run.say(f"choosing the post-processing on {len(views)} validation volume(s)",
                      stage="post-processing")
         cases = []
         for image, labels, region in views:
             check_cancelled(self.run.cancel, "Choosing the post-processing")
-            prob = predict_probabilities(net, image, device=self.device, amp=self.use_amp,
-                                         out_dtype=np.float32,
-                                         channels=[names.index(n) for n in used])
-            cases.append(ValidationCase({n: prob[i] for i, n in enumerate(used)}, labels,
+            cases.append(ValidationCase(self._channel_probabilities(net, image), labels,
                                         self.voxel_size or (1.0, 1.0, 1.0), region))
-        return choose_segment_params(cases, seg, progress=self.run.progress,
-                                     cancel=self.run.cancel)
+        return choose_segment_params(cases, self.cfg.validation.segment,
+                                     progress=self.run.progress, cancel=self.run.cancel)
 
     # -- best model --
     def _key(self, val_loss: float, metrics: Dict[str, Any]) -> Optional[Tuple[float, float]]:
