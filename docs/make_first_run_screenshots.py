@@ -32,7 +32,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     app = QApplication.instance() or QApplication([sys.argv[0]])  # noqa: F841
-    work = Path(tempfile.mkdtemp(prefix="episeg_first_run_"))
+    with tempfile.TemporaryDirectory(prefix="episeg_first_run_") as tmp:
+        return _shoot(Path(tmp), args)
+
+
+def _shoot(work: Path, args) -> int:
+    """The Predict tab before and after a first prediction, in the folder ``work``."""
+    from core.resources import default_model
+
     w, shot = open_window(work, args.out)
 
     tab = w.predict_tab

@@ -29,7 +29,8 @@ def test_torchrun_two_cpu_processes_train_one_model(tmp_path, budget):
     cmd += ["--epochs", "1000", "--iterations", "4", "--max-minutes", budget] if budget else \
         ["--epochs", "2", "--iterations", "3"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "TMPDIR": str(tmp_path)})  # torchrun's log folders
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # process 0 reports and writes, once
     summary = read_model_summary(out)
