@@ -179,7 +179,24 @@ def _resize_channel(prob: np.ndarray, shape: Tuple[int, int, int]) -> np.ndarray
     return out
 
 
-def segment_stack(
+@dataclass
+class StackChannels:
+    """The network's outputs on one stack, at the stack's own shape (ZYX).
+
+    channels: uint8 maps (0..255 = 0..1) by name, views of ``store`` (C, Z, Y, X);
+    voxel_size_um: what the cell step measures lengths in (the stack's, else
+    the one given, else the model's, else 1 um); seconds: "prepare" and
+    "network" times.
+    """
+
+    channels: Dict[str, np.ndarray]
+    store: np.ndarray
+    names: Tuple[str, ...]
+    voxel_size_um: Tuple[float, float, float]
+    seconds: Dict[str, float]
+
+
+def stack_channels(
     volume: Volume,
     model,
     info,
@@ -189,21 +206,11 @@ def segment_stack(
     network=None,
     progress: ProgressFn = None,
     cancel: CancelFlag = None,
-) -> StackResult:
-    """Cells of one stack.
-
-    Parameters
-    ----------
-    volume : the stack (ZYX, any real dtype, voxel size in um or None).
-    model, info : from :func:`core.checkpoint.load_model_for_inference`.
-    config : :class:`PredictConfig`.
-    network : what runs the network over the stack: None = in this process
-        (:func:`core.predict.predict_probabilities`); a
-        :class:`core.distributed.DaskPredictor` spreads it over a cluster.
-
-    Returns a :class:`StackResult` whose labels have the input's shape and voxel
-    size (0 background, cells 1..n).
-    """
+) -> StackChannels:
+    """The network's probabilities on one stack, as :func:`segment_stack` makes
+    them: normalised as the model was trained, resampled to the model's voxel
+    size and back, with ``config``'s tiles, device and TTA. The channels kept
+    are those the cell step reads (all with ``config.save_probabilities``)."""
     from core.predict import predict_probabilities
     from core.preprocess import resample_image
 
@@ -211,12 +218,10 @@ def segment_stack(
     rep = ProgressReporter(progress, "predict")
     times: Dict[str, float] = {}
     t0 = time.monotonic()
-    shape, name, source = volume.shape, volume.name, volume.source
-    recorded_voxel_size = volume.voxel_size
+    shape = volume.shape
     voxel_size = volume.voxel_size or config.input_voxel_size_um
     model_vs = info.voxel_size_um
-    raw = volume.data
-    view = normalised_view(raw, info.normalisation)
+    view = normalised_view(volume.data, info.normalisation)
     image: Any = view
     resample = _needs_resampling(voxel_size, model_vs)
     if resample:
@@ -245,19 +250,55 @@ def segment_stack(
         tta=config.tta, out=store, progress=progress, cancel=cancel,
         channels=None if kept == tuple(info.channels) else [info.channels.index(c) for c in kept],
     )
-    # the image is not needed any more: a caller that did not keep the volume frees it here
-    del image, view, raw, volume
+    del image, view
     release_pages(store)  # written: its pages may leave this process' memory
     times["network"] = time.monotonic() - t1
-
-    t2 = time.monotonic()
     if resample:
         back = scratch_array((n_channels,) + shape, np.uint8, work_dir)
         for c in range(n_channels):
             back[c] = _resize_channel(store[c], shape)
         store = back
-    channel = {name: store[i] for i, name in enumerate(kept)}
-    cells_vs = voxel_size or model_vs or (1.0, 1.0, 1.0)
+    return StackChannels(
+        channels={name: store[i] for i, name in enumerate(kept)}, store=store, names=kept,
+        voxel_size_um=tuple(voxel_size or model_vs or (1.0, 1.0, 1.0)), seconds=times)
+
+
+def segment_stack(
+    volume: Volume,
+    model,
+    info,
+    *,
+    config: Optional[PredictConfig] = None,
+    work_dir: Optional[Path] = None,
+    network=None,
+    progress: ProgressFn = None,
+    cancel: CancelFlag = None,
+) -> StackResult:
+    """Cells of one stack.
+
+    Parameters
+    ----------
+    volume : the stack (ZYX, any real dtype, voxel size in um or None).
+    model, info : from :func:`core.checkpoint.load_model_for_inference`.
+    config : :class:`PredictConfig`.
+    network : what runs the network over the stack: None = in this process
+        (:func:`core.predict.predict_probabilities`); a
+        :class:`core.distributed.DaskPredictor` spreads it over a cluster.
+
+    Returns a :class:`StackResult` whose labels have the input's shape and voxel
+    size (0 background, cells 1..n).
+    """
+    config = config or PredictConfig()
+    rep = ProgressReporter(progress, "predict")
+    name, source = volume.name, volume.source
+    recorded_voxel_size = volume.voxel_size
+    net = stack_channels(volume, model, info, config=config, work_dir=work_dir,
+                         network=network, progress=progress, cancel=cancel)
+    # the image is not needed any more: a caller that did not keep the volume frees it here
+    del volume
+    times = dict(net.seconds)
+    t2 = time.monotonic()
+    channel, cells_vs = net.channels, net.voxel_size_um
     params = segment_params(config, info)
     if params != config.segment:
         rep.message(f"{name}: post-processing chosen when the model was trained: "
@@ -280,8 +321,8 @@ def segment_stack(
     return StackResult(
         labels=Volume(labels, recorded_voxel_size or config.input_voxel_size_um,
                       f"{name}_cells", source=source),
-        probabilities=store if config.save_probabilities else None,
-        channels=kept, n_cells=n_cells, seconds=times, flags=flags,
+        probabilities=net.store if config.save_probabilities else None,
+        channels=net.names, n_cells=n_cells, seconds=times, flags=flags,
     )
 
 

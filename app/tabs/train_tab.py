@@ -4,6 +4,9 @@ Runs :func:`core.train.train` through the job panel. The plot shows the
 smoothed training loss per iteration as it arrives, and the training and
 validation loss and the validation AP50 per epoch. Cancel stops within a
 batch and keeps the model of the last finished epoch; Resume continues it.
+"Choose seeds and merging again" runs :func:`core.tune.tune_model` instead:
+no training, the model in "Save model as" is tuned on the validation data
+and written beside it as ``NAME_tuned.pt``.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from typing import List, Optional
 
 import pyqtgraph as pg
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout,
-                               QSpinBox, QVBoxLayout, QWidget)
+                               QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from app.job_panel import JobPanel
-from app.widgets import DataTable, PathField, form_box, vec3_field, vec3_text
+from app.widgets import PREPROCESSED, DataTable, PathField, form_box, vec3_field, vec3_text
 from core.config import apply_overrides
 from core.jobs import ProgressEvent
+from core.pipeline import PredictConfig
 from core.resources import default_model
 from core.train import DEFAULT_TARGET, TrainConfig, train
+from core.tune import tune_model
 
 
 class TrainTab(QWidget):
@@ -76,6 +81,13 @@ class TrainTab(QWidget):
                                  "fine-tune the bundled default model (resources/models/default.md)")
         self.out = PathField("save", "EpiSeg models (*.pt)", "where the model is saved")
         self.resume = QCheckBox("Resume the run saved in this model file")
+        self.tune_button = QPushButton("Choose seeds and merging again (no training)")
+        self.tune_button.setToolTip(
+            "Predict the Validation data stacks with the model in 'Save model as' and keep the "
+            "seeds and merging that score best on their labels, in a copy NAME_tuned.pt. Use "
+            "it after annotating a whole stack: a choice made on a part held out of one stack "
+            "rests on few cells.")
+        self.tune_button.clicked.connect(self.tune)
 
         data = QHBoxLayout()
         data.addWidget(self.train_data, 3)
@@ -89,7 +101,8 @@ class TrainTab(QWidget):
             ("Voxel size", self.voxel_size),
         ])
         files = form_box("Model file", [
-            ("Fine-tune", self.init), ("Save model as", self.out), ("", self.resume)])
+            ("Fine-tune", self.init), ("Save model as", self.out), ("", self.resume),
+            ("", self.tune_button)])
 
         self.plot = pg.PlotWidget(title="loss")
         self.plot.setBackground("w")
@@ -113,6 +126,7 @@ class TrainTab(QWidget):
         self.panel = JobPanel("Train")
         self.panel.run_button.clicked.connect(self.run)
         self.panel.progress.connect(self.on_progress)
+        self.panel.stopped.connect(lambda: self.tune_button.setEnabled(True))
 
         layout = QVBoxLayout(self)
         layout.addLayout(data, 1)
@@ -193,6 +207,36 @@ class TrainTab(QWidget):
             self.reset_curves()
         self.panel.start(train, config=cfg, out_path=Path(self.out.text()),
                          resume=self.resume.isChecked(), init=self.init.text() or None)
+
+    def tune_problems(self) -> List[str]:
+        out = []
+        model = self.out.text()
+        if not model or not Path(model).exists():
+            out.append("Choose the model to tune in 'Save model as' (an existing model file).")
+        rows = self.val_data.rows()
+        if not rows:
+            out.append("Add the annotated stacks to tune on to 'Validation data'.")
+        for raw, lab in rows:
+            if not lab or lab == PREPROCESSED:
+                out.append(f"{raw}: tuning needs the raw stack and its label stack.")
+        return out
+
+    def tune(self) -> None:
+        """Choose the seeds and merging of the model in 'Save model as' on the
+        validation data, without training; the copy goes beside it."""
+        if self.panel.is_running() or self.panel.refuse(self.tune_problems()):
+            return
+        model = Path(self.out.text())
+        out = model.with_name(f"{model.stem}_tuned.pt")
+        n = 2
+        while out.exists():  # never overwrite an earlier copy
+            out = model.with_name(f"{model.stem}_tuned_{n}.pt")
+            n += 1
+        self.panel.append_log(f"choosing the seeds and merging of {model} on "
+                              f"{len(self.val_data.rows())} annotated stack(s); writing {out}")
+        self.panel.start(tune_model, model_path=model, pairs=self.val_data.rows(), out_path=out,
+                         config=PredictConfig(device=self.device))
+        self.tune_button.setEnabled(False)
 
     def on_progress(self, event: ProgressEvent) -> None:
         """Live curves: per-iteration loss (smoothed by the core) and per-epoch figures."""

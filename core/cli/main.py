@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "core.cli.cmd_evaluate",
     "core.cli.cmd_train",
     "core.cli.cmd_predict",
+    "core.cli.cmd_tune",
     "core.cli.cmd_demo",
     "core.cli.cmd_selftest",
     "core.cli.cmd_gui",

@@ -159,3 +159,27 @@ def test_stacks_without_voxel_size_train_at_the_one_typed_in(qtbot, stacks):
         assert read_model_summary(out)["voxel_size_um"] == expected
         warned = "no training stack records a voxel size" in tab.panel.log.toPlainText()
         assert warned == (not typed)
+
+
+def test_seeds_and_merging_chosen_again_on_the_validation_data_without_training(qtbot, stacks):
+    from core.resources import default_model
+
+    raws, labels, d = stacks
+    model = d / "to_tune.pt"
+    model.write_bytes(default_model().read_bytes())
+    tab = TrainTab()
+    qtbot.addWidget(tab)
+    tab.out.setText(str(model))
+    tab.tune_button.click()  # no annotated stacks yet: explained, nothing runs
+    assert "Validation data" in tab.panel.last_error and not tab.panel.is_running()
+    assert tab.val_data.add_files([labels[1], raws[1]]) == []
+    with qtbot.waitSignal(tab.panel.stopped, timeout=180000):
+        tab.tune_button.click()
+        assert not tab.tune_button.isEnabled() and not tab.panel.run_button.isEnabled()
+    tuned = d / "to_tune_tuned.pt"
+    assert tuned.exists() and model.read_bytes() == default_model().read_bytes()
+    choice = read_model_summary(tuned)["segment_choice"]
+    assert choice["tuned_on"] == [raws[1]] and choice["settings_tried"] > 20
+    assert str(tuned) in tab.panel.log.toPlainText()
+    assert "post-processing" in tab.panel.log.toPlainText()
+    assert tab.tune_button.isEnabled() and tab.panel.run_button.isEnabled()
