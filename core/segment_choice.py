@@ -125,7 +125,8 @@ class SegmentChoice:
                     f"{self.shipped_score:.3f}, the best of {self.settings_tried} tried)")
         if 0 < self.cells < FEW_CELLS:
             line += (f". Only {self.cells} validation cells: another setting may do better on "
-                     "new stacks; annotate a whole stack and choose again with 'episeg tune'")
+                     "new stacks; annotate a whole stack and choose again with 'episeg tune' "
+                     "(the Train tab: Choose seeds and merging again)")
         return line
 
 
