@@ -459,13 +459,11 @@ def _set_rng_state(state: Dict[str, Any], np_rng: np.random.Generator) -> None:
 
 def _centre_crop(vol: TrainVolume, max_voxels: int) -> TrainVolume:
     """The volume, centre-cropped in Y and X so it has at most ``max_voxels``."""
-    z, y, x = vol.shape
-    if z * y * x <= max_voxels:
+    from core.volume import centre_yx
+
+    if int(np.prod(vol.shape)) <= max_voxels:
         return vol
-    f = math.sqrt(max_voxels / (z * y * x))
-    ny, nx = max(1, int(y * f)), max(1, int(x * f))
-    y0, x0 = (y - ny) // 2, (x - nx) // 2
-    sl = (slice(None), slice(y0, y0 + ny), slice(x0, x0 + nx))
+    sl = centre_yx(vol.shape, max_voxels)
     return dataclasses.replace(
         vol, image=vol.image[sl], targets=vol.targets[(slice(None),) + sl],
         labels=None if vol.labels is None else vol.labels[sl],

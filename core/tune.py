@@ -22,8 +22,13 @@ from core.errors import ConfigError, VolumeDataError
 from core.jobs import CancelFlag, ProgressFn, ProgressReporter, check_cancelled
 from core.pipeline import PredictConfig, stack_channels
 from core.segment_choice import SegmentChoice, ValidationCase, choose_segment_params, describe
+from core.volume import Volume, centre_yx
 
 PathLike = Union[str, Path]
+#: Voxels of each annotated stack the search segments (its centre in Y and X,
+#: all of Z): each of its ~26 settings segments them once, about 10 s per 32
+#: million voxels on a 2-core CPU (docs/accuracy.md step 24).
+MAX_VOXELS = 32_000_000
 
 
 @dataclass
@@ -48,6 +53,7 @@ def tune_model(
     *,
     config: Optional[PredictConfig] = None,
     network=None,
+    max_voxels: int = MAX_VOXELS,
     progress: ProgressFn = None,
     cancel: CancelFlag = None,
 ) -> TuneResult:
@@ -60,7 +66,8 @@ def tune_model(
     their raw stack's shape (ZYX; 0 = background). The new choice replaces
     the model's earlier one; with no clear gain over the shipped settings the
     copy predicts with the shipped ones. ``network``: what runs the network
-    (as for :func:`core.pipeline.segment_stack`; None: in this process). Raises :class:`ConfigError` without
+    (as for :func:`core.pipeline.segment_stack`; None: in this process).
+    A stack larger than ``max_voxels`` is searched on its centre in Y and X. Raises :class:`ConfigError` without
     pairs or when ``out_path`` is the model itself, :class:`VolumeDataError`
     when labels do not fit their stack or hold no cells.
     """
@@ -93,9 +100,16 @@ def tune_model(
         if not np.any(labels.data):
             raise VolumeDataError(f"{labels_spec}: no cells (every voxel is 0); give labels with the "
                              "stack's cells.")
+        crop = centre_yx(raw.shape, max_voxels)
+        if crop != (slice(None),) * 3:
+            part = tuple(s.indices(n)[1] - s.indices(n)[0] for s, n in zip(crop, raw.shape))
+            rep.message(f"{raw_spec}: {raw.data.size / 1e6:.0f} million voxels; the search uses "
+                        f"its centre, {part[0]} x {part[1]} x {part[2]} voxels")
+            raw = Volume(np.asarray(raw.data[crop]), raw.voxel_size, raw.name, source=raw.source)
         net = stack_channels(raw, model, info, config=config, network=network,
                              progress=progress, cancel=cancel)
-        cases.append(ValidationCase(net.channels, np.asarray(labels.data), net.voxel_size_um))
+        cases.append(ValidationCase(net.channels, np.asarray(labels.data[crop]),
+                                    net.voxel_size_um))
     choice = choose_segment_params(cases, config.segment, progress=progress, cancel=cancel)
     previous = dict(data.get("segment") or {})
     data["segment"] = dict(choice.chosen)

@@ -86,6 +86,19 @@ def strided_sample(image: np.ndarray, max_samples: int) -> np.ndarray:
     return image[::step, ::step, ::step]
 
 
+def centre_yx(shape: Tuple[int, int, int], max_voxels: int) -> Tuple[slice, slice, slice]:
+    """ZYX slices of the centre of a stack of ``shape``, cropped in Y and X (all
+    of Z kept, aspect kept) to at most about ``max_voxels`` voxels; the whole
+    stack when it is no larger."""
+    z, y, x = shape
+    if z * y * x <= max_voxels:
+        return (slice(None),) * 3
+    f = float(np.sqrt(max_voxels / (z * y * x)))
+    ny, nx = max(1, int(y * f)), max(1, int(x * f))
+    y0, x0 = (y - ny) // 2, (x - nx) // 2
+    return slice(None), slice(y0, y0 + ny), slice(x0, x0 + nx)
+
+
 def as_labels(data: np.ndarray, where: str = "labels") -> np.ndarray:
     """Return ``data`` as a label stack in the smallest unsigned dtype.
 

@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the network")
     p.add_argument("--voxel-size", type=voxel_size, metavar="Z,Y,X",
                    help="voxel size (um) of stacks whose files record none")
+    p.add_argument("--max-voxels", type=int, default=None, metavar="N",
+                   help="search on the centre of larger stacks (in Y and X, all of Z): "
+                        "each setting tried segments these voxels once (default 32000000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -45,7 +48,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from core.config import apply_overrides, from_dict, load_yaml
     from core.pipeline import PredictConfig
-    from core.tune import tune_model
+    from core.tune import MAX_VOXELS, tune_model
 
     config = (load_yaml(args.config, PredictConfig, section="predict") if args.config
               else from_dict(PredictConfig, {}))
@@ -53,6 +56,6 @@ def run(args) -> int:
     config = apply_overrides(config, {k: v for k, v in overrides.items() if v is not None})
     with TerminalProgress(quiet=args.quiet) as bar:
         result = tune_model(args.model, [tuple(p) for p in args.pair], args.out, config=config,
-                            progress=bar)
+                            max_voxels=args.max_voxels or MAX_VOXELS, progress=bar)
     print(result.summary())
     return 0

@@ -25,8 +25,11 @@ def fake_network(probs):
     names = model_info(load_model_file(default_model())).channels
 
     def network(model, image, *, out, channels=None, **kw):
+        # the centre of the maps when the stack given is the centre of the stack
+        centre = tuple(slice((n - m) // 2, (n - m) // 2 + m)
+                       for n, m in zip(probs["cell"].shape, out.shape[1:]))
         for i, c in enumerate(channels if channels is not None else range(len(names))):
-            out[i] = np.round(probs.get(names[c], np.ones_like(probs["cell"])) * 255)
+            out[i] = np.round(probs.get(names[c], np.ones_like(probs["cell"]))[centre] * 255)
     return network
 
 
@@ -79,6 +82,14 @@ def test_clear_walls_write_a_copy_with_the_shipped_settings(tmp_path, model_file
     assert result.choice.chosen == {}
     assert model_info(load_model_file(out), out).segment == {}
     assert segment_params(PredictConfig(), model_info(load_model_file(out))) == SegmentParams()
+    # a stack larger than max_voxels: the search segments its centre only, and says so
+    events = []
+    small = tune_model(model_file, [write_pair(tmp_path, gt)], tmp_path / "small.pt",
+                       network=fake_network(probs), max_voxels=10 * 24 * 24,
+                       progress=events.append)
+    assert small.choice.cells == 4  # the centre 24 x 24 of 48 x 48: 2 x 2 of the 12-voxel cells
+    assert any("the search uses its centre, 10 x 24 x 24 voxels" in (e.message or "")
+               for e in events)
 
 
 def test_mistakes_are_refused_with_the_file_named(tmp_path, model_file):
