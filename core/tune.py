@@ -26,8 +26,9 @@ from core.volume import Volume, centre_yx
 
 PathLike = Union[str, Path]
 #: Voxels of each annotated stack the search segments (its centre in Y and X,
-#: all of Z): each of its ~26 settings segments them once, about 10 s per 32
-#: million voxels on a 2-core CPU (docs/accuracy.md step 24).
+#: all of Z). Each of its 26 settings segments them once: 110 s for all 26 on
+#: 4 million voxels on a 2-core CPU (docs/accuracy.md step 23), so about a
+#: quarter of an hour at this size.
 MAX_VOXELS = 32_000_000
 
 
