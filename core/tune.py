@@ -68,9 +68,10 @@ def tune_model(
     the model's earlier one; with no clear gain over the shipped settings the
     copy predicts with the shipped ones. ``network``: what runs the network
     (as for :func:`core.pipeline.segment_stack`; None: in this process).
-    A stack larger than ``max_voxels`` is searched on its centre in Y and X. Raises :class:`ConfigError` without
-    pairs or when ``out_path`` is the model itself, :class:`VolumeDataError`
-    when labels do not fit their stack or hold no cells.
+    A stack larger than ``max_voxels`` is searched on its centre in Y and X.
+    Raises :class:`ConfigError` without pairs or when ``out_path`` is the
+    model itself, :class:`VolumeDataError` when labels do not fit their stack
+    or hold no cells.
     """
     from core.checkpoint import (build_from_model_dict, load_model_file, model_info,
                                  save_model_file)
@@ -82,8 +83,8 @@ def tune_model(
     if not pairs:
         raise ConfigError("tune: give at least one annotated stack (--pair RAW LABELS).")
     if out_path.exists() and out_path.resolve() == model_path.resolve():
-        raise ConfigError(f"{out_path}: this is the model being tuned; choose another output "
-                         "file (the model file is never overwritten).")
+        raise ConfigError(f"{out_path}: this is the model being tuned; choose another "
+                          "output file (the model file is never overwritten).")
     data = load_model_file(model_path)
     info = model_info(data, model_path)
     device = resolve_device(None if config.device == "auto" else config.device)
@@ -95,12 +96,12 @@ def tune_model(
         rep.message(f"predicting annotated stack {i + 1} of {len(pairs)}: {raw_spec}")
         raw, labels = read_volume(raw_spec), read_labels(labels_spec)
         if raw.shape != labels.shape:
-            raise VolumeDataError(f"{labels_spec}: labels of shape {labels.shape} do not fit the raw "
-                             f"stack {raw_spec} of shape {raw.shape}; give each stack with its "
-                             "own labels.")
+            raise VolumeDataError(f"{labels_spec}: labels of shape {labels.shape} do not fit "
+                                  f"the raw stack {raw_spec} of shape {raw.shape}; give each "
+                                  "stack with its own labels.")
         if not np.any(labels.data):
-            raise VolumeDataError(f"{labels_spec}: no cells (every voxel is 0); give labels with the "
-                             "stack's cells.")
+            raise VolumeDataError(f"{labels_spec}: no cells (every voxel is 0); give labels "
+                                  "with the stack's cells.")
         crop = centre_yx(raw.shape, max_voxels)
         if crop != (slice(None),) * 3:
             part = tuple(s.indices(n)[1] - s.indices(n)[0] for s, n in zip(crop, raw.shape))
