@@ -164,9 +164,9 @@ class PredictTab(QWidget):
                 value = row.get(key)
                 item.setData(Qt.DisplayRole, value if isinstance(value, (int, float)) else str(value))
                 self.flag_table.setItem(i, j, item)
-        self.flag_table.resizeColumnsToContents()
         self.flag_table.setSortingEnabled(True)
         self.flag_table.sortItems(0, Qt.AscendingOrder)  # most suspicious first
+        self.flag_table.resizeColumnsToContents()  # after the sort arrow takes its room
 
     def _flag_clicked(self, row: int, _col: int) -> None:
         item = self.flag_table.item(row, 1)
