@@ -183,17 +183,21 @@ def _resize_channel(prob: np.ndarray, shape: Tuple[int, int, int]) -> np.ndarray
 class StackChannels:
     """The network's outputs on one stack, at the stack's own shape (ZYX).
 
-    channels: uint8 maps (0..255 = 0..1) by name, views of ``store`` (C, Z, Y, X);
+    store: uint8 maps (C, Z, Y, X; 0..255 = 0..1), one per name in ``names``;
     voxel_size_um: what the cell step measures lengths in (the stack's, else
     the one given, else the model's, else 1 um); seconds: "prepare" and
     "network" times.
     """
 
-    channels: Dict[str, np.ndarray]
     store: np.ndarray
     names: Tuple[str, ...]
     voxel_size_um: Tuple[float, float, float]
     seconds: Dict[str, float]
+
+    @property
+    def channels(self) -> Dict[str, np.ndarray]:
+        """The maps by channel name (views of ``store``)."""
+        return {name: self.store[i] for i, name in enumerate(self.names)}
 
 
 def stack_channels(
@@ -258,9 +262,8 @@ def stack_channels(
         for c in range(n_channels):
             back[c] = _resize_channel(store[c], shape)
         store = back
-    return StackChannels(
-        channels={name: store[i] for i, name in enumerate(kept)}, store=store, names=kept,
-        voxel_size_um=tuple(voxel_size or model_vs or (1.0, 1.0, 1.0)), seconds=times)
+    return StackChannels(store=store, names=kept, seconds=times,
+                         voxel_size_um=tuple(voxel_size or model_vs or (1.0, 1.0, 1.0)))
 
 
 def segment_stack(

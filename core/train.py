@@ -461,9 +461,9 @@ def _centre_crop(vol: TrainVolume, max_voxels: int) -> TrainVolume:
     """The volume, centre-cropped in Y and X so it has at most ``max_voxels``."""
     from core.volume import centre_yx
 
-    if int(np.prod(vol.shape)) <= max_voxels:
-        return vol
     sl = centre_yx(vol.shape, max_voxels)
+    if sl == (slice(None),) * 3:
+        return vol
     return dataclasses.replace(
         vol, image=vol.image[sl], targets=vol.targets[(slice(None),) + sl],
         labels=None if vol.labels is None else vol.labels[sl],

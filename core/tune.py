@@ -104,10 +104,10 @@ def tune_model(
                                   "with the stack's cells.")
         crop = centre_yx(raw.shape, max_voxels)
         if crop != (slice(None),) * 3:
-            part = tuple(s.indices(n)[1] - s.indices(n)[0] for s, n in zip(crop, raw.shape))
+            part = np.asarray(raw.data[crop])
             rep.message(f"{raw_spec}: {raw.data.size / 1e6:.0f} million voxels; the search uses "
-                        f"its centre, {part[0]} x {part[1]} x {part[2]} voxels")
-            raw = Volume(np.asarray(raw.data[crop]), raw.voxel_size, raw.name, source=raw.source)
+                        f"its centre, {' x '.join(str(n) for n in part.shape)} voxels")
+            raw = Volume(part, raw.voxel_size, raw.name, source=raw.source)
         net = stack_channels(raw, model, info, config=config, network=network,
                              progress=progress, cancel=cancel)
         cases.append(ValidationCase(net.channels, np.asarray(labels.data[crop]),
