@@ -6,8 +6,9 @@ only (one like the training data, one with smaller cells), then report per held-
 adapted Rand error, VOI split/merge, wrongCells, training minutes, prediction
 seconds, and how well the per-cell flags (core.flags) find the wrong cells: the
 precision of the top 10, and the share of the wrong cells within the top *n*
-ranks (*n* = their number), for all of them and for those that are wrong for
-another reason than a sliver cut off by the stack's faces
+ranks (*n* = their number) and within the first 10 % of the rows (what a
+biologist checking the CSV's first rows finds), for all of them and for those
+that are wrong for another reason than a sliver cut off by the stack's faces
 (core.flags.face_sliver_merges).
 
 Held-out data:
@@ -77,7 +78,7 @@ from core.volume import Volume  # noqa: E402
 SHARED = REPO.parent / "shared" / "data"
 COLUMNS = ("cell_iou", "ap50", "f1_50", "adapted_rand_error", "voi_split", "voi_merge",
            "wrong_cells_share", "flag_precision_top10", "flag_recall_top_n_wrong",
-           "flag_recall_top_n_other")
+           "flag_recall_top_n_other", "flag_recall_top10pct", "flag_recall_top10pct_other")
 
 #: Training-config overrides of each variant (on top of TrainConfig's defaults).
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -519,27 +520,30 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, float]:
 def markdown(results: Dict[str, Dict[str, Any]], title: str) -> str:
     head = ("| variant | stack | cell IoU | AP50 | F1 | ARE | VOI split | VOI merge | "
             "wrongCells (share) | flags top-10 precision | flags recall top n (all / not face "
-            "slivers) | train min | predict s |")
-    lines = [f"### {title}", "", head, "|" + " --- |" * 13]
+            "slivers) | flags recall, first 10 % of rows (all / not face slivers) | train min | "
+            "predict s |")
+    lines = [f"### {title}", "", head, "|" + " --- |" * 14]
     for variant, res in results.items():
         for r in res["rows"] + [{"stack": "**mean**", **res["mean"]}]:
             wc = (f"{int(r['wrong_cells'])} ({r['wrong_cells_share']:.1%})" if "n_gt_cells" in r
                   and r["stack"] != "**mean**" else f"{r['wrong_cells']:.1f} ({r['wrong_cells_share']:.1%})")
             flag = r.get("flag_precision_top10", float("nan"))
-            recall = "" if np.isnan(flag) else " / ".join(
-                f"{r.get(k, float('nan')):.2f}"
-                for k in ("flag_recall_top_n_wrong", "flag_recall_top_n_other"))
+            recall, recall10 = ("" if np.isnan(flag) else " / ".join(
+                f"{r.get(k, float('nan')):.2f}" for k in keys)
+                for keys in (("flag_recall_top_n_wrong", "flag_recall_top_n_other"),
+                             ("flag_recall_top10pct", "flag_recall_top10pct_other")))
             lines.append(
                 f"| {variant} | {r['stack']} | {r['cell_iou']:.3f} | {r['ap50']:.3f} | "
                 f"{r['f1_50']:.3f} | {r['adapted_rand_error']:.3f} | {r['voi_split']:.3f} | "
-                f"{r['voi_merge']:.3f} | {wc} | {'' if np.isnan(flag) else f'{flag:.2f}'} | {recall} | "
+                f"{r['voi_merge']:.3f} | {wc} | {'' if np.isnan(flag) else f'{flag:.2f}'} | {recall} | {recall10} | "
                 f"{res.get('train_minutes', 0):.1f} | {r['predict_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def print_summary(results: Dict[str, Dict[str, Any]], title: str) -> None:
     print(f"\n{title}: mean over the held-out stacks")
-    print(f"{'variant':20s}" + "".join(f"{c[:14]:>15s}" for c in COLUMNS) + f"{'train min':>11s}")
+    short = [c.replace("flag_", "").replace("recall_", "rec_")[:14] for c in COLUMNS]
+    print(f"{'variant':20s}" + "".join(f"{c:>15s}" for c in short) + f"{'train min':>11s}")
     for variant, res in results.items():
         m = res["mean"]
         print(f"{variant:20s}" + "".join(f"{m[c]:15.3f}" for c in COLUMNS)

@@ -68,13 +68,43 @@ def score(models: Sequence[Path], seeds: Sequence[int], out: Path, *, tta: bool 
                 print(f"{model.stem} seed {seed} {r['stack']:10s} " + _line(r), flush=True)
             print(f"{model.stem} seed {seed} MEAN       " + _line(mean, by_column=True)
                   + f"  AP50 - ARE {mean['AP50'] - mean['ARE']:.4f}", flush=True)
+            flags = pooled_flag_recall(rows)
+            print(f"{model.stem} seed {seed} FLAGS      " + ", ".join(
+                f"{k} {v:.2f}" for k, v in flags.items()), flush=True)
             entry = {"model": str(model), "seed": seed, "tta": tta,
-                     "rows": [{k: r[k] for k in ["stack"] + [key for _, key in COLUMNS]}
-                              for r in rows], "mean": mean}
+                     "rows": [{k: r[k] for k in ["stack"] + [key for _, key in COLUMNS]
+                               + sorted(k for k in r if k.startswith("flag_"))}
+                              for r in rows], "mean": mean, "flags_pooled": flags}
             name = f"score_{model.stem}_{tag}.json"
             (out / name).write_text(json.dumps(entry, indent=2, default=float))
             results.setdefault(model.stem, {})[seed] = entry
     return results
+
+
+#: pooled flag recall: (name, recall key, which wrong cells it counts)
+FLAG_RECALLS = (("top n, all", "flag_recall_top_n_wrong", "all"),
+                ("top n, not face slivers", "flag_recall_top_n_other", "other"),
+                ("first 10 %, all", "flag_recall_top10pct", "all"),
+                ("first 10 %, not face slivers", "flag_recall_top10pct_other", "other"))
+
+
+def pooled_flag_recall(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Share of the wrong cells of all ``rows`` (stacks) that the flags rank
+    within the top *n* and within the first 10 % of the rows, for all wrong
+    cells and for those that are not only face-sliver merges: counts summed
+    over the stacks, so that a stack with one or two wrong cells weighs little."""
+    out: Dict[str, float] = {}
+    for name, key, which in FLAG_RECALLS:
+        found = wrong = 0.0
+        for r in rows:
+            n = r.get("flag_n_wrong", 0)
+            if which == "other":
+                n -= r.get("flag_n_face_sliver", 0)
+            if n and np.isfinite(r.get(key, float("nan"))):
+                found += r[key] * n
+                wrong += n
+        out[name] = found / wrong if wrong else float("nan")
+    return out
 
 
 def _line(row: Dict[str, Any], by_column: bool = False) -> str:

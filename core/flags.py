@@ -334,28 +334,39 @@ def face_sliver_merges(gt: np.ndarray, labels: np.ndarray, wrong: set, *,
 
 
 def flag_precision(rows: List[Dict[str, Any]], wrong: set, ks: Sequence[int],
-                   face_slivers: Optional[set] = None) -> Dict[str, float]:
+                   face_slivers: Optional[set] = None,
+                   shares: Sequence[float] = (0.1, 0.2)) -> Dict[str, float]:
     """Precision of the top-k flags against the truly wrong cells, for each k,
-    and the share of wrong cells found in the top ``len(wrong)`` and top 10 %.
+    and the share of wrong cells found in the top ``len(wrong)`` ranks and in
+    the first rows a biologist would check (each of ``shares`` of all rows).
 
+    Keys: ``precision_top{k}``, ``recall_top_n_wrong``, ``recall_top{p}pct``
+    (p = 100 x share, rounded up to at least one row), ``base_rate``.
     face_slivers: the wrong cells whose only fault is a face sliver
     (:func:`face_sliver_merges`); given, ``recall_top_n_other`` is the share of
-    the other wrong cells found in the top *m* ranks (*m* = their number; the
-    sliver cells stay in the ranking, counted as not wrong).
+    the other wrong cells found in the top *m* ranks (*m* = their number) and
+    ``recall_top{p}pct_other`` their share in the first rows (the sliver cells
+    stay in the ranking, counted as not wrong).
     """
     ranked = [r["cell_id"] for r in rows]
     out: Dict[str, float] = {"n_cells": len(ranked), "n_wrong": len(wrong)}
     for k in ks:
         top = ranked[:k]
         out[f"precision_top{k}"] = (sum(c in wrong for c in top) / len(top)) if top else float("nan")
-    k = len(wrong)
-    out["recall_top_n_wrong"] = (sum(c in wrong for c in ranked[:k]) / k) if k else float("nan")
-    k10 = max(1, int(round(0.1 * len(ranked))))
-    out["recall_top10pct"] = (sum(c in wrong for c in ranked[:k10]) / k) if k else float("nan")
-    out["base_rate"] = k / len(ranked) if ranked else float("nan")
-    if face_slivers is not None:
-        other = set(wrong) - set(face_slivers)
-        m = len(other)
+
+    def recall(found: set, k: int) -> float:
+        return sum(c in found for c in ranked[:k]) / len(found) if found else float("nan")
+
+    out["recall_top_n_wrong"] = recall(set(wrong), len(wrong))
+    other = None if face_slivers is None else set(wrong) - set(face_slivers)
+    for share in shares:
+        k = max(1, int(round(share * len(ranked))))
+        name = f"recall_top{int(round(100 * share))}pct"
+        out[name] = recall(set(wrong), k)
+        if other is not None:
+            out[name + "_other"] = recall(other, k)
+    out["base_rate"] = len(wrong) / len(ranked) if ranked else float("nan")
+    if other is not None:
         out["n_face_sliver"] = len(set(wrong) & set(face_slivers))
-        out["recall_top_n_other"] = (sum(c in other for c in ranked[:m]) / m) if m else float("nan")
+        out["recall_top_n_other"] = recall(other, len(other))
     return out

@@ -120,3 +120,9 @@ def test_a_cell_that_only_swallowed_a_face_sliver_is_told_apart_from_a_real_merg
     fp = flag_precision([{"cell_id": c} for c in (1, 4, 3, 5)], wrong, ks=(1,),
                         face_slivers=slivers)
     assert fp["recall_top_n_other"] == 1.0
+    # the first rows a biologist checks: a quarter of 4 rows is one row, half is two
+    ranking = [{"cell_id": c} for c in (4, 3, 1, 5)]
+    fp = flag_precision(ranking, wrong, ks=(1,), face_slivers=slivers, shares=(0.25, 0.5, 0.75))
+    assert fp["recall_top25pct_other"] == 0.0 and fp["recall_top50pct_other"] == 0.0
+    assert fp["recall_top75pct_other"] == 1.0
+    assert fp["recall_top25pct"] == 0.5 and fp["recall_top75pct"] == 1.0

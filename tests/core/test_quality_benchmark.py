@@ -122,6 +122,10 @@ def test_models_are_scored_with_the_shipped_defaults_on_one_seeds_stacks(tmp_pat
     saved = json.loads((tmp_path / "score_default_700.json").read_text())
     assert [r["stack"] for r in saved["rows"]] == ["medium 0", "hard 0"]
     assert 0.0 <= saved["mean"]["AP50"] <= 1.0 and saved["mean"]["cell IoU"] > 0.5
+    # the flags' recall, pooled over the stacks, is printed and kept
+    assert "seed 700 FLAGS" in printed and "first 10 %, not face slivers" in printed
+    assert set(saved["flags_pooled"]) == {name for name, _, _ in module.FLAG_RECALLS}
+    assert all("flag_recall_top10pct" in r for r in saved["rows"])
     # the stacks are quality.py's held-out stacks of that seed: level k, stack j from seed + 10 k + j
     stacks = module.quality.test_stacks(tmp_path / "data" / "seed700", 700, ["medium", "hard"], 1,
                                         11.0, (16, 64, 64))
@@ -129,6 +133,25 @@ def test_models_are_scored_with_the_shipped_defaults_on_one_seeds_stacks(tmp_pat
     assert all(r.is_file() and l.is_file() for _, r, l in stacks)
     with pytest.raises(SystemExit):
         module.main([str(tmp_path / "missing.pt")])
+
+
+def test_flag_recall_is_pooled_over_stacks_by_their_wrong_cells():
+    spec = importlib.util.spec_from_file_location(
+        "score_shipped", REPO / "benchmarks" / "score_shipped.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"flag_n_wrong": 8, "flag_n_face_sliver": 6, "flag_recall_top_n_wrong": 0.25,
+             "flag_recall_top_n_other": 1.0, "flag_recall_top10pct": 0.5,
+             "flag_recall_top10pct_other": 0.5},
+            {"flag_n_wrong": 2, "flag_n_face_sliver": 0, "flag_recall_top_n_wrong": 1.0,
+             "flag_recall_top_n_other": 1.0, "flag_recall_top10pct": 0.0,
+             "flag_recall_top10pct_other": 0.0},
+            {"flag_n_wrong": 0, "flag_n_face_sliver": 0, "flag_recall_top_n_wrong": float("nan")}]
+    pooled = module.pooled_flag_recall(rows)
+    assert pooled["top n, all"] == pytest.approx(4 / 10)       # 2 of 8 and 2 of 2
+    assert pooled["top n, not face slivers"] == pytest.approx(1.0)
+    assert pooled["first 10 %, all"] == pytest.approx(4 / 10)
+    assert pooled["first 10 %, not face slivers"] == pytest.approx(1 / 4)
 
 
 def test_stress_stacks_differ_from_the_benchmark_and_are_scored_by_name(tmp_path, capsys):
@@ -182,3 +205,23 @@ def test_training_stacks_can_take_tube_sizes_in_turn(quality, tmp_path):
     # the validation and test stacks keep the fitted tube
     assert data["val"][0].name == "train2_medium_000_raw.tif"
     assert all("_r6" not in r.name for _, r, _ in data["tests"])
+
+
+def test_the_table_says_how_many_wrong_cells_the_first_rows_of_the_flags_hold(quality):
+    from tests.core.test_flags import grid_tissue, merged_and_split
+    from tests.core.test_segment import probabilities_from
+
+    gt = grid_tissue()
+    cp, bp = probabilities_from(gt)
+    pred = merged_and_split(gt)  # one merged pair, one split cell
+    row = {"stack": "grid", "predict_seconds": 1.0,
+           **quality._metrics(gt, pred, {"cell": cp, "boundary": bp}, (1.0, 0.5, 0.5))}
+    # the first 10 % of the rows hold the merged cell, which is not a face sliver
+    assert row["flag_recall_top10pct"] > 0 and row["flag_recall_top10pct_other"] > 0
+    table = quality.markdown({"default": {"rows": [row], "mean": quality.summarise([row]),
+                                          "train_minutes": 1.0}}, "t")
+    head, rule, first = table.splitlines()[2:5]
+    assert "first 10 % of rows" in head
+    assert head.count("|") == rule.count("|") == first.count("|") == 15
+    cell = first.split("|")[12].strip()
+    assert cell == f"{row['flag_recall_top10pct']:.2f} / {row['flag_recall_top10pct_other']:.2f}"
