@@ -2,6 +2,7 @@
 
 Shared by ``episeg evaluate`` and the GUI's Evaluate tab: read both stacks
 (and optionally the raw image to look at), run :func:`core.metrics.evaluate`,
+check the prediction's flags CSV against the wrong cells (core.flags_check),
 write the figures as JSON and the per-cell table as CSV (atomically).
 """
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from core.errors import VolumeDataError
+from core.flags_check import FlagCheck, check_flags, flags_beside
 from core.jobs import CancelFlag, ProgressFn
 from core.metrics import CELL_COLUMNS, EvaluationResult, evaluate
 from core.volume import Volume
@@ -26,17 +29,28 @@ class EvaluatedFiles:
     gt: Volume
     pred: Volume
     image: Optional[Volume] = None
+    #: the flags CSV's ranking against the wrong cells, when one was checked
+    flags: Optional[FlagCheck] = None
+    #: why the flags CSV found beside the prediction was not checked ("" if it was, or none was there)
+    flags_note: str = ""
+
+#: ``evaluate_files(flags=AUTO)``: check ``STEM_cells_flags.csv`` beside the prediction if it is there
+AUTO = "auto"
 
 
 def evaluate_files(gt_spec: str, pred_spec: str, image_spec: Optional[str] = None, *,
-                   progress: ProgressFn = None, cancel: CancelFlag = None,
-                   **options) -> EvaluatedFiles:
+                   flags: Optional[str] = AUTO, progress: ProgressFn = None,
+                   cancel: CancelFlag = None, **options) -> EvaluatedFiles:
     """Read ground truth and prediction (file specs) and score the prediction.
 
     ``image_spec``: the raw stack, read only to be shown with the labels; it
-    must have their shape. ``options``: :func:`core.metrics.evaluate`'s
-    (iou_threshold, connectivity, split_merge_fraction, components).
-    Raises VolumeDataError when shapes differ.
+    must have their shape. ``flags``: the prediction's flags CSV to check
+    against the wrong cells; :data:`AUTO` takes the one ``episeg predict``
+    wrote beside it, if any (one of another stack is then only noted), None
+    checks none. ``options``: :func:`core.metrics.evaluate`'s (iou_threshold,
+    connectivity, split_merge_fraction, components).
+    Raises VolumeDataError when shapes differ, or when a flags CSV given by
+    name is missing or lists cells the prediction does not hold.
     """
     from core.io import check_same_shape, read_labels, read_volume
 
@@ -45,9 +59,22 @@ def evaluate_files(gt_spec: str, pred_spec: str, image_spec: Optional[str] = Non
     image = read_volume(image_spec) if image_spec else None
     if image is not None:
         check_same_shape(image, gt)
+    flags_path = flags_beside(pred_spec) if flags == AUTO else flags
+    if flags_path and flags != AUTO and not Path(flags_path).is_file():
+        raise VolumeDataError(f"The flags CSV {flags_path} does not exist: choose the "
+                              f"STEM_cells_flags.csv that episeg predict wrote, or none.")
     result = evaluate(gt.data, pred.data, names=(f"ground truth {gt_spec}", f"prediction {pred_spec}"),
                       progress=progress, cancel=cancel, **options)
-    return EvaluatedFiles(result, gt, pred, image)
+    evaluated = EvaluatedFiles(result, gt, pred, image)
+    if flags_path and Path(flags_path).is_file():
+        try:
+            evaluated.flags = check_flags(flags_path, result, gt.data, pred.data,
+                                          voxel_size=gt.voxel_size or pred.voxel_size)
+        except VolumeDataError as exc:
+            if flags != AUTO:
+                raise
+            evaluated.flags_note = f"flags not checked: {exc}"
+    return evaluated
 
 
 def summary_line(r: EvaluationResult) -> str:

@@ -5,7 +5,9 @@ figures fill a table (with what each means); the per-cell table (one row per
 ground-truth cell, one per unmatched predicted cell) sorts by any column, and
 a click on a row moves the viewer to that cell and highlights it. The overlay
 shows the prediction or the ground truth (toggle), over the raw stack when one
-is given.
+is given. When ``episeg predict`` wrote flags beside the prediction
+(``STEM_cells_flags.csv``), the figures also say how many of the wrong cells
+the first rows of that CSV hold (core.flags_check).
 """
 
 from __future__ import annotations
@@ -135,12 +137,21 @@ class EvaluateTab(QWidget):
     def _finished(self, ev: EvaluatedFiles) -> None:
         self.evaluated = ev
         self.panel.append_log(summary_line(ev.result))
+        if ev.flags is not None:
+            self.panel.append_log("Flags: " + "; ".join(ev.flags.lines()) + ".")
+        elif ev.flags_note:
+            self.panel.append_log(ev.flags_note)
         d = ev.result.to_dict()
-        self.figures.setRowCount(len(FIGURES))
-        for i, (key, label, meaning) in enumerate(FIGURES):
-            value = d.get(key)
-            text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            for j, t in enumerate((label, text, meaning)):
+        rows = [(label, f"{d.get(key):.4f}" if isinstance(d.get(key), float) else str(d.get(key)),
+                 meaning) for key, label, meaning in FIGURES]
+        if ev.flags is not None and ev.flags.n_wrong:
+            for share, recall in sorted(ev.flags.recall.items()):
+                rows.append((f"flags, first {100 * share:g} %", f"{recall:.2f}",
+                             f"share of the {ev.flags.n_wrong} wrong cells in the first "
+                             f"{ev.flags.rows_checked[share]} rows of {ev.flags.path.name}"))
+        self.figures.setRowCount(len(rows))
+        for i, texts in enumerate(rows):
+            for j, t in enumerate(texts):
                 self.figures.setItem(i, j, QTableWidgetItem(t))
         self.figures.resizeColumnsToContents()
         self.cells.setSortingEnabled(False)
@@ -199,6 +210,8 @@ class EvaluateTab(QWidget):
         if self.evaluated is None:
             return
         write_cells_csv(csv_path, self.evaluated.result)
+        flags = self.evaluated.flags
         write_figures_json(Path(csv_path).with_suffix(".json"), self.evaluated.result,
-                           {"gt": self.gt.text(), "pred": self.pred.text()})
+                           {"gt": self.gt.text(), "pred": self.pred.text(),
+                            **(flags.to_dict() if flags is not None else {})})
         self.panel.append_log(f"wrote {csv_path} and {Path(csv_path).with_suffix('.json').name}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from core.cli.progress import TerminalProgress
-from core.evaluate_files import evaluate_files, write_cells_csv, write_figures_json
+from core.evaluate_files import AUTO, evaluate_files, write_cells_csv, write_figures_json
+from core.flags_check import FlagCheck
 from core.metrics import EvaluationResult
 
 DESCRIPTION = """\
@@ -16,6 +18,9 @@ adapted Rand error, variation of information (split / merge) and cell matching
 Both files are label stacks of the same shape (Z, Y, X): 0 = background, any
 other value = one cell; ids need not be consecutive nor correspond.
 File specs: file.tif, file.h5:dataset, file.mat:variable, file.npy.
+When PRED was written by `episeg predict`, its flags (STEM_cells_flags.csv
+beside it: the cells most likely wrong, ranked) are checked too: how many of
+the truly wrong cells the first 10 % and 20 % of its rows hold.
 """
 
 EPILOG = """\
@@ -55,23 +60,33 @@ def register(subparsers) -> None:
     p.add_argument("--no-components", action="store_true",
                    help="skip counting connected pieces (wrong_components): the slowest "
                         "figure, about nine tenths of the time on a 1024 x 1024 stack")
+    flags = p.add_mutually_exclusive_group()
+    flags.add_argument("--flags", metavar="CSV", default=AUTO,
+                       help="the prediction's flags CSV to check against the wrong cells "
+                            "(default: STEM_cells_flags.csv beside PRED, if it is there)")
+    flags.add_argument("--no-flags", action="store_const", const=None, dest="flags",
+                       help="do not check any flags CSV")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with TerminalProgress(quiet=args.quiet) as bar:
-        result = evaluate_files(
+        evaluated = evaluate_files(
             args.gt, args.pred,
+            flags=args.flags,
             iou_threshold=args.iou_threshold,
             connectivity=args.connectivity,
             split_merge_fraction=args.split_merge_fraction,
             components=not args.no_components,
             progress=bar,
-        ).result
-    print(format_report(result, args.gt, args.pred))
+        )
+    result = evaluated.result
+    print(format_report(result, args.gt, args.pred, evaluated.flags, evaluated.flags_note))
     if args.json_file:
-        write_figures_json(args.json_file, result, {"gt": args.gt, "pred": args.pred})
+        extra = {"gt": args.gt, "pred": args.pred,
+                 **(evaluated.flags.to_dict() if evaluated.flags is not None else {})}
+        write_figures_json(args.json_file, result, extra)
         print(f"figures written to {args.json_file}")
     if args.cells_csv:
         write_cells_csv(args.cells_csv, result)
@@ -79,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_report(r: EvaluationResult, gt_name: str, pred_name: str) -> str:
-    """The human-readable table printed by ``episeg evaluate``."""
+def format_report(r: EvaluationResult, gt_name: str, pred_name: str,
+                  flags: Optional[FlagCheck] = None, flags_note: str = "") -> str:
+    """The human-readable table printed by ``episeg evaluate`` (with the flags'
+    check when one was made, or why the flags were not checked)."""
     d = r.to_dict()
     cm = r.confusion
     t = r.iou_threshold
@@ -122,4 +139,8 @@ def format_report(r: EvaluationResult, gt_name: str, pred_name: str) -> str:
         line("GT cells missed", f"{r.n_missed}", "no predicted cell covers them"),
         line("false positives", f"{r.n_false_positive}", "predicted cells matched to no GT cell"),
     ]
+    if flags is not None:
+        out += [f"Per-cell flags ({flags.path})"] + [f"  {text}" for text in flags.lines()]
+    elif flags_note:
+        out += ["Per-cell flags", f"  {flags_note}"]
     return "\n".join(out)

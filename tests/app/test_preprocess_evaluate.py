@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -104,6 +106,12 @@ def test_evaluate_tab_tables_overlays_and_going_to_a_cell(qtbot, stack, tmp_path
     from core.volume import Volume
 
     write_volume(str(tmp_path / "pred.tif"), Volume(pred, raw.voxel_size, "pred"), labels=True)
+    # its flags, as episeg predict writes them beside it, from walls that show the merge
+    from core.flags import cell_flags, write_flags_csv
+    from tests.core.test_segment import probabilities_from
+
+    cp, bp = probabilities_from(gt)
+    write_flags_csv(tmp_path / "pred_flags.csv", cell_flags(pred, bp, cp, voxel_size=raw.voxel_size))
     w = window(qtbot, tmp_path)
     tab = w.evaluate_tab
     tab.gt.setText(str(d / "synth_000_labels.tif"))
@@ -115,6 +123,12 @@ def test_evaluate_tab_tables_overlays_and_going_to_a_cell(qtbot, stack, tmp_path
     figures = {tab.figures.item(r, 0).text(): tab.figures.item(r, 1).text()
                for r in range(tab.figures.rowCount())}
     assert figures["GT cells merged"] == "2" and figures["wrongCells"] == "1"
+    # the flags beside the prediction were checked: how many wrong cells their first rows hold
+    check = tab.evaluated.flags
+    assert check is not None and check.n_wrong >= 1
+    assert figures["flags, first 10 %"] == f"{check.recall[0.1]:.2f}"
+    assert figures["flags, first 20 %"] == f"{check.recall[0.2]:.2f}"
+    assert f"Flags: {check.n_wrong} of the {check.n_rows} predicted cells are wrong" in tab.panel.log.toPlainText()
     n_gt = int(figures["GT cells"])
     # the merged cell still matches the larger of the two (TP n-1, FN 1), or neither
     assert float(figures["AP50"]) in (pytest.approx((n_gt - 1) / n_gt, abs=1e-4),
@@ -137,6 +151,7 @@ def test_evaluate_tab_tables_overlays_and_going_to_a_cell(qtbot, stack, tmp_path
     tab.save_tables(str(tmp_path / "cells.csv"))
     assert (tmp_path / "cells.csv").read_text().count("\n") == n_gt + 1
     assert '"ap50"' in (tmp_path / "cells.json").read_text()
+    assert json.loads((tmp_path / "cells.json").read_text())["flags_recall_top10pct"] == check.recall[0.1]
 
 
 def test_settings_files_recent_files_and_preferences_persist(qtbot, stack, tmp_path):

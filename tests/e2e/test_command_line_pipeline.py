@@ -90,6 +90,9 @@ def test_evaluate_scores_the_prediction_against_ground_truth(run):
     for key in ("cell_iou", "ap50", "adapted_rand_error", "voi_split", "voi_merge",
                 "wrong_cells"):
         assert key in figures
+    # predict wrote the flags beside the cells: evaluate checked them
+    assert figures["flags_csv"].endswith("synth_002_raw_cells_flags.csv")
+    assert "flags_recall_top10pct" in figures
 
 
 def test_input_with_another_voxel_size_comes_back_on_its_own_grid(run, tmp_path):
