@@ -92,3 +92,21 @@ def test_episeg_evaluate_prints_and_saves_the_flags_check(predicted, capsys):
                  "--quiet"]) == 0
     assert "Per-cell flags" not in capsys.readouterr().out
     assert np.array_equal(pred, merged_and_split(gt))  # nothing here changes the inputs
+
+
+def test_face_sliver_merges_are_told_apart_when_the_voxel_size_is_known(tmp_path):
+    gt = np.zeros((12, 24, 40), np.uint16)  # as tests/core/test_flags.py: cell 6 (55 um^3) a face sliver
+    for cell, (x0, x1) in enumerate([(0, 10), (10, 12), (12, 24), (24, 36), (36, 38), (38, 40)], 1):
+        gt[1:11, 1:23, x0:x1] = cell
+    pred = gt.copy()
+    pred[gt == 2] = 1                       # a real merge
+    pred[gt == 6] = 4                       # cell 4 only took in the face sliver
+    ranking = [{"rank": i, "cell_id": c} for i, c in enumerate((1, 3, 4, 5), start=1)]
+    write_volume(tmp_path / "gt.tif", Volume(gt, (0.5, 0.5, 0.5), "gt"), labels=True)
+    write_volume(tmp_path / "s_cells.tif", Volume(pred, (0.5, 0.5, 0.5), "pred"), labels=True)
+    write_flags_csv(tmp_path / "s_cells_flags.csv", ranking)
+    check = evaluate_files(str(tmp_path / "gt.tif"), str(tmp_path / "s_cells.tif")).flags
+    assert check.n_wrong == 2 and check.n_face_sliver == 1
+    assert check.recall[0.1] == 0.5 and check.recall_other[0.1] == 1.0  # the first row: cell 1
+    assert "1 of the wrong cells only took in a thin cap" in " ".join(check.lines())
+    assert "the first 10 % hold 1 of the other 1 (1.00)" in " ".join(check.lines())
