@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     tab.image.setText(str(test_raw))
     run_panel(tab.panel, 300)
     check(tab.cells.rowCount() > 0, "the per-cell table is empty")
+    check(tab.evaluated.flags is not None, "the flags written beside the prediction were not checked")
     tab.cells.sortItems(list(tab.cells.horizontalHeaderItem(c).text()
                              for c in range(tab.cells.columnCount())).index("iou"))
     tab.cells.selectRow(0)
