@@ -89,14 +89,14 @@ class FlagCheck:
             return [f"no predicted cell is wrong, so the flags ({self.path.name}) had nothing to find"]
         out = [f"{self.n_wrong} of the {self.n_rows} predicted cells are wrong (merged, split, "
                f"or matching no ground-truth cell)"]
-        first, *more = [(share, f"{100 * share:g} %", self.rows_checked[share],
+        first, *more = [(f"{100 * share:g} %", self.rows_checked[share],
                          int(round(self.recall[share] * self.n_wrong)), self.recall[share])
                         for share in sorted(self.recall)]
-        _, pct, rows, found, recall = first
-        text = (f"the first {pct} of the rows of {self.path.name} ({rows} rows) hold {found} "
-                f"of them ({recall:.2f})")
-        out.append(text + "".join(f", the first {pct} ({rows} rows) {found} ({recall:.2f})"
-                                  for _, pct, rows, found, recall in more))
+        pct, rows, found, recall = first
+        text = (f"of the first {rows} rows of {self.path.name} ({pct}), {found} are wrong cells: "
+                f"{recall:.2f} of them")
+        out.append(text + "".join(f"; of the first {rows} ({pct}), {found}: {recall:.2f}"
+                                  for pct, rows, found, recall in more))
         if self.recall_other is not None and self.n_face_sliver is not None:
             other = self.n_wrong - self.n_face_sliver
             if self.n_face_sliver and other:
