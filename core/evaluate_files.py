@@ -12,7 +12,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from core.errors import VolumeDataError
 from core.flags_check import FlagCheck, check_flags, flags_beside
@@ -100,15 +100,31 @@ def write_figures_json(path: Union[str, Path], result: EvaluationResult,
     return Path(path)
 
 
-def write_cells_csv(path: Union[str, Path], result: EvaluationResult) -> Path:
-    """The per-cell table (one row per GT cell, one per unmatched predicted cell), atomically."""
+def flag_rank(row: Dict[str, Any], ranks: Optional[Mapping[int, int]]) -> Optional[int]:
+    """The flags' rank of a per-cell row's predicted cell (None: no flags, no
+    predicted cell, or a cell the flags do not list)."""
+    pred_id = row.get("pred_id")
+    return ranks.get(int(pred_id)) if ranks and pred_id else None
+
+
+def write_cells_csv(path: Union[str, Path], result: EvaluationResult,
+                    flag_ranks: Optional[Mapping[int, int]] = None) -> Path:
+    """The per-cell table (one row per GT cell, one per unmatched predicted cell), atomically.
+
+    flag_ranks: predicted cell id -> its rank in the prediction's flags CSV
+    (:attr:`core.flags_check.FlagCheck.ranks`); given, a ``flag_rank`` column
+    says where the flags ranked each row's predicted cell.
+    """
     from core.io.atomic import atomic_path
 
+    columns = list(CELL_COLUMNS) + (["flag_rank"] if flag_ranks is not None else [])
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(CELL_COLUMNS))
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             for row in result.cells:
-                writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v)
-                                 for k, v in row.items()})
+                out = {k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
+                if flag_ranks is not None:
+                    out["flag_rank"] = flag_rank(row, flag_ranks)
+                writer.writerow(out)
     return Path(path)

@@ -70,7 +70,7 @@ class FlagCheck:
     ``recall``: share of the wrong cells in the first ``share`` of the rows, per
     share; ``recall_other``: the same for the wrong cells that are not only a
     face sliver merge (None when the voxel size is unknown); ``rows_checked``:
-    how many rows each share is.
+    how many rows each share is; ``ranks``: each listed predicted cell's rank.
     """
 
     path: Path
@@ -82,6 +82,7 @@ class FlagCheck:
     n_face_sliver: Optional[int] = None
     recall_other: Optional[Dict[float, float]] = None
     figures: Dict[str, float] = field(default_factory=dict, repr=False)
+    ranks: Dict[int, int] = field(default_factory=dict, repr=False)
 
     def lines(self) -> List[str]:
         """The check in a few sentences, for a report or a log."""
@@ -145,4 +146,5 @@ def check_flags(path: Union[str, Path], result: EvaluationResult, gt: np.ndarray
         rows_checked={s: max(1, int(round(s * len(rows)))) for s in shares},
         n_face_sliver=None if slivers is None else int(figures["n_face_sliver"]),
         recall_other=None if slivers is None else {s: figures[k + "_other"] for s, k in pct.items()},
-        figures={f"flags_{k}": v for k, v in figures.items()})
+        figures={f"flags_{k}": v for k, v in figures.items()},
+        ranks={r["cell_id"]: r["rank"] for r in rows})

@@ -7,7 +7,8 @@ a click on a row moves the viewer to that cell and highlights it. The overlay
 shows the prediction or the ground truth (toggle), over the raw stack when one
 is given. When ``episeg predict`` wrote flags beside the prediction
 (``STEM_cells_flags.csv``), the figures also say how many of the wrong cells
-the first rows of that CSV hold (core.flags_check).
+the first rows of that CSV hold (core.flags_check), and the per-cell table
+where it ranked each row's predicted cell (``flag_rank``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
 
 from app.job_panel import JobPanel
 from app.widgets import STACK_FILTER, PathField, form_box
-from core.evaluate_files import (EvaluatedFiles, evaluate_files, summary_line, write_cells_csv,
-                                 write_figures_json)
+from core.evaluate_files import (EvaluatedFiles, evaluate_files, flag_rank, summary_line,
+                                 write_cells_csv, write_figures_json)
 from core.io import split_spec
 from core.metrics import CELL_COLUMNS
 
@@ -46,10 +47,11 @@ FIGURES = (
     ("mean_matched_iou", "mean matched IoU", "IoU of the matched cells, averaged"),
 )
 OVERLAYS = ("prediction", "ground truth")
-#: Per-cell table columns, in the order shown (all of core.metrics.CELL_COLUMNS).
-SHOWN_COLUMNS = ("gt_id", "status", "iou", "pred_id", "gt_size", "pred_size", "overlap",
-                 "n_covering", "matched", "split", "merged")
-assert sorted(SHOWN_COLUMNS) == sorted(CELL_COLUMNS)
+#: Per-cell table columns, in the order shown: all of core.metrics.CELL_COLUMNS, and
+#: where the prediction's flags ranked the row's predicted cell (empty without flags).
+SHOWN_COLUMNS = ("gt_id", "status", "iou", "pred_id", "flag_rank", "gt_size", "pred_size",
+                 "overlap", "n_covering", "matched", "split", "merged")
+assert sorted(set(SHOWN_COLUMNS) - {"flag_rank"}) == sorted(CELL_COLUMNS)
 
 
 class EvaluateTab(QWidget):
@@ -156,9 +158,10 @@ class EvaluateTab(QWidget):
         self.figures.resizeColumnsToContents()
         self.cells.setSortingEnabled(False)
         self.cells.setRowCount(len(ev.result.cells))
+        ranks = ev.flags.ranks if ev.flags is not None else None
         for i, row in enumerate(ev.result.cells):
             for j, key in enumerate(SHOWN_COLUMNS):
-                value = row.get(key)
+                value = flag_rank(row, ranks) if key == "flag_rank" else row.get(key)
                 item = QTableWidgetItem()
                 if isinstance(value, (bool, np.bool_)):
                     item.setData(Qt.DisplayRole, "yes" if value else "")
@@ -209,8 +212,8 @@ class EvaluateTab(QWidget):
         """Per-cell CSV at ``csv_path`` and every figure beside it as .json."""
         if self.evaluated is None:
             return
-        write_cells_csv(csv_path, self.evaluated.result)
         flags = self.evaluated.flags
+        write_cells_csv(csv_path, self.evaluated.result, flags.ranks if flags is not None else None)
         write_figures_json(Path(csv_path).with_suffix(".json"), self.evaluated.result,
                            {"gt": self.gt.text(), "pred": self.pred.text(),
                             **(flags.to_dict() if flags is not None else {})})

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--cells-csv", metavar="FILE", dest="cells_csv",
                    help="write the per-cell table to this CSV file: one row per GT cell "
                         "(best predicted cell, IoU, ok/split/merged/missed...) and one per "
-                        "unmatched predicted cell (false_positive)")
+                        "unmatched predicted cell (false_positive); with flags, also where "
+                        "they ranked each predicted cell (flag_rank)")
     p.add_argument("--iou-threshold", type=float, default=0.5, metavar="T",
                    help="IoU a GT cell and a predicted cell need to count as the same cell "
                         "(0 < T <= 1; default 0.5: AP50, F1 at 0.5)")
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         write_figures_json(args.json_file, result, extra)
         print(f"figures written to {args.json_file}")
     if args.cells_csv:
-        write_cells_csv(args.cells_csv, result)
+        write_cells_csv(args.cells_csv, result,
+                        evaluated.flags.ranks if evaluated.flags is not None else None)
         print(f"per-cell table ({len(result.cells)} rows) written to {args.cells_csv}")
     return 0
 

@@ -142,6 +142,8 @@ def test_evaluate_tab_tables_overlays_and_going_to_a_cell(qtbot, stack, tmp_path
             if tab.cells.item(r, col.index("status")).text() == "merged"]
     tab._cell_clicked(rows[0], 0)
     assert w.viewer.highlighted == a and w.viewer.labels[w.viewer.z, w.viewer.y, w.viewer.x] == a
+    # where the flags ranked the merged cell
+    assert tab.cells.item(rows[0], col.index("flag_rank")).data(0) == check.ranks[a]
     # ground-truth overlay: the same row now shows its GT cell
     tab.show_overlay.setCurrentText("ground truth")
     np.testing.assert_array_equal(w.viewer.labels, gt)
@@ -150,6 +152,7 @@ def test_evaluate_tab_tables_overlays_and_going_to_a_cell(qtbot, stack, tmp_path
     assert gid in (a, b) and w.viewer.labels[w.viewer.z, w.viewer.y, w.viewer.x] == gid
     tab.save_tables(str(tmp_path / "cells.csv"))
     assert (tmp_path / "cells.csv").read_text().count("\n") == n_gt + 1
+    assert "flag_rank" in (tmp_path / "cells.csv").read_text().splitlines()[0]
     assert '"ap50"' in (tmp_path / "cells.json").read_text()
     assert json.loads((tmp_path / "cells.json").read_text())["flags_recall_top10pct"] == check.recall[0.1]
 

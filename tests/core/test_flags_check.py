@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -90,9 +91,18 @@ def test_episeg_evaluate_prints_and_saves_the_flags_check(predicted, capsys):
     figures = json.loads((d / "scores.json").read_text())
     assert figures["flags_csv"].endswith("stack_cells_flags.csv")
     assert figures["flags_recall_top20pct"] == 1.0 and "ap50" in figures
+    assert main(["evaluate", str(d / "gt.tif"), str(d / "stack_cells.tif"), "--cells-csv",
+                 str(d / "cells.csv"), "--quiet"]) == 0
+    with open(d / "cells.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    rank_of = {r["cell_id"]: int(r["rank"]) for r in rows}
+    listed = [r for r in table if r["pred_id"] not in ("", "0")]
+    assert listed and all(int(r["flag_rank"]) == rank_of[int(r["pred_id"])] for r in listed)
+    capsys.readouterr()
     assert main(["evaluate", str(d / "gt.tif"), str(d / "stack_cells.tif"), "--no-flags",
-                 "--quiet"]) == 0
+                 "--cells-csv", str(d / "plain.csv"), "--quiet"]) == 0
     assert "Per-cell flags" not in capsys.readouterr().out
+    assert "flag_rank" not in (d / "plain.csv").read_text().splitlines()[0]
     assert np.array_equal(pred, merged_and_split(gt))  # nothing here changes the inputs
 
 
