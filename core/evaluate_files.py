@@ -34,6 +34,7 @@ class EvaluatedFiles:
     #: why the flags CSV found beside the prediction was not checked ("" if it was, or none was there)
     flags_note: str = ""
 
+
 #: ``evaluate_files(flags=AUTO)``: check ``STEM_cells_flags.csv`` beside the prediction if it is there
 AUTO = "auto"
 
