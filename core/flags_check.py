@@ -127,6 +127,10 @@ def check_flags(path: Union[str, Path], result: EvaluationResult, gt: np.ndarray
     rows = read_flags_csv(path)
     ids = {int(i) for i in (result.table.pred_ids if result.table is not None else ())} - {0}
     listed = {r["cell_id"] for r in rows}
+    if ids and not listed:
+        raise VolumeDataError(f"{path} lists no cells, but the prediction holds {len(ids)}: it "
+                              f"was written for another label stack. Choose the flags CSV that "
+                              f"episeg predict wrote with this prediction, or none.")
     if not listed <= ids:
         strangers = sorted(listed - ids)
         raise VolumeDataError(

@@ -74,6 +74,9 @@ def test_flags_of_another_stack_are_noted_or_refused(predicted, tmp_path):
                        flags=str(d / "stack_cells_flags.csv"))
     with pytest.raises(VolumeDataError, match="missing.csv does not exist"):
         evaluate_files(str(d / "gt.tif"), str(d / "stack_cells.tif"), flags=str(d / "missing.csv"))
+    write_flags_csv(d / "empty.csv", [])
+    with pytest.raises(VolumeDataError, match="empty.csv lists no cells"):
+        evaluate_files(str(d / "gt.tif"), str(d / "stack_cells.tif"), flags=str(d / "empty.csv"))
     (d / "table.csv").write_text("a,b\n1,2\n")
     with pytest.raises(VolumeDataError, match="table.csv is not a flags CSV.*cell_id, rank"):
         read_flags_csv(d / "table.csv")
