@@ -127,16 +127,15 @@ def check_flags(path: Union[str, Path], result: EvaluationResult, gt: np.ndarray
     rows = read_flags_csv(path)
     ids = {int(i) for i in (result.table.pred_ids if result.table is not None else ())} - {0}
     listed = {r["cell_id"] for r in rows}
+    another = ("it was written for another label stack. Choose the flags CSV that episeg "
+               "predict wrote with this prediction, or none.")
     if ids and not listed:
-        raise VolumeDataError(f"{path} lists no cells, but the prediction holds {len(ids)}: it "
-                              f"was written for another label stack. Choose the flags CSV that "
-                              f"episeg predict wrote with this prediction, or none.")
+        raise VolumeDataError(f"{path} lists no cells, but the prediction holds {len(ids)}: "
+                              + another)
     if not listed <= ids:
         strangers = sorted(listed - ids)
-        raise VolumeDataError(
-            f"{path} lists {len(strangers)} cells that the prediction does not hold "
-            f"(e.g. id {strangers[0]}): it was written for another label stack. Choose the "
-            f"flags CSV that episeg predict wrote with this prediction, or none.")
+        raise VolumeDataError(f"{path} lists {len(strangers)} cells that the prediction does "
+                              f"not hold (e.g. id {strangers[0]}): " + another)
     wrong = wrong_predicted_cells(result.cells)
     slivers = None
     if voxel_size is not None:
