@@ -333,6 +333,11 @@ def face_sliver_merges(gt: np.ndarray, labels: np.ndarray, wrong: set, *,
     return out
 
 
+def first_rows(n_rows: int, share: float) -> int:
+    """How many rows ``share`` of a flags CSV of ``n_rows`` rows is (at least one)."""
+    return max(1, int(round(share * n_rows)))
+
+
 def flag_precision(rows: List[Dict[str, Any]], wrong: set, ks: Sequence[int],
                    face_slivers: Optional[set] = None,
                    shares: Sequence[float] = (0.1, 0.2)) -> Dict[str, float]:
@@ -341,7 +346,7 @@ def flag_precision(rows: List[Dict[str, Any]], wrong: set, ks: Sequence[int],
     the first rows a biologist would check (each of ``shares`` of all rows).
 
     Keys: ``precision_top{k}``, ``recall_top_n_wrong``, ``recall_top{p}pct``
-    (p = 100 x share, rounded up to at least one row), ``base_rate``.
+    (p = 100 x share; the first :func:`first_rows` rows), ``base_rate``.
     face_slivers: the wrong cells whose only fault is a face sliver
     (:func:`face_sliver_merges`); given, ``recall_top_n_other`` is the share of
     the other wrong cells found in the top *m* ranks (*m* = their number) and
@@ -360,7 +365,7 @@ def flag_precision(rows: List[Dict[str, Any]], wrong: set, ks: Sequence[int],
     out["recall_top_n_wrong"] = recall(set(wrong), len(wrong))
     other = None if face_slivers is None else set(wrong) - set(face_slivers)
     for share in shares:
-        k = max(1, int(round(share * len(ranked))))
+        k = first_rows(len(ranked), share)
         name = f"recall_top{int(round(100 * share))}pct"
         out[name] = recall(set(wrong), k)
         if other is not None:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from core.errors import VolumeDataError
-from core.flags import face_sliver_merges, flag_precision, wrong_predicted_cells
+from core.flags import face_sliver_merges, first_rows, flag_precision, wrong_predicted_cells
 from core.io import split_spec
 from core.metrics import EvaluationResult
 
@@ -146,7 +146,7 @@ def check_flags(path: Union[str, Path], result: EvaluationResult, gt: np.ndarray
         path=path, n_rows=len(rows), n_wrong=len(wrong),
         precision_top10=figures["precision_top10"],
         recall={s: figures[k] for s, k in pct.items()},
-        rows_checked={s: max(1, int(round(s * len(rows)))) for s in shares},
+        rows_checked={s: first_rows(len(rows), s) for s in shares},
         n_face_sliver=None if slivers is None else int(figures["n_face_sliver"]),
         recall_other=None if slivers is None else {s: figures[k + "_other"] for s, k in pct.items()},
         figures={f"flags_{k}": v for k, v in figures.items()},
