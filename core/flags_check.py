@@ -70,13 +70,13 @@ class FlagCheck:
     ``recall``: share of the wrong cells in the first ``share`` of the rows, per
     share; ``recall_other``: the same for the wrong cells that are not only a
     face sliver merge (None when the voxel size is unknown); ``rows_checked``:
-    how many rows each share is; ``ranks``: each listed predicted cell's rank.
+    how many rows each share is; ``ranks``: each listed predicted cell's rank;
+    ``figures``: all of :func:`core.flags.flag_precision`'s, for the JSON.
     """
 
     path: Path
     n_rows: int
     n_wrong: int
-    precision_top10: float
     recall: Dict[float, float]
     rows_checked: Dict[float, int]
     n_face_sliver: Optional[int] = None
@@ -144,7 +144,6 @@ def check_flags(path: Union[str, Path], result: EvaluationResult, gt: np.ndarray
     pct = {share: f"recall_top{int(round(100 * share))}pct" for share in shares}
     return FlagCheck(
         path=path, n_rows=len(rows), n_wrong=len(wrong),
-        precision_top10=figures["precision_top10"],
         recall={s: figures[k] for s, k in pct.items()},
         rows_checked={s: first_rows(len(rows), s) for s in shares},
         n_face_sliver=None if slivers is None else int(figures["n_face_sliver"]),
