@@ -132,7 +132,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "patch_24": {"patch_size": [24, 80, 80]},
     "patch_32": {"patch_size": [32, 112, 112]},
     # train (and predict) on a grid 1.5x coarser in Y and X than the stacks'
-    # 0.3 um (step 26): 2.25x the tissue per step for CPUs that do few steps;
+    # 0.3 um (step 26): 2.25x fewer voxels for the same tissue, for CPUs that do few steps;
     # prediction resamples the probabilities back before the cells are found
     "coarse_yx": {"data": {"target_voxel_size_um": [1.0, 0.45, 0.45]}},
 }
