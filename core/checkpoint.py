@@ -36,6 +36,10 @@ channels                  output channel names, e.g. ["cell", "boundary"]
 normalisation             {"mode": "zscore", "mask": "all"} or {"mode": "percentile",
                           "low": 1, "high": 99.8, "clip": false} or {"mode": "none"}
 voxel_size_um             training voxel size [z, y, x] in um, or None
+stack_voxel_size_um       (optional) the training stacks' own voxel size where the model
+                          trains on a coarser grid (core.preprocess.training_grid_um):
+                          what a stack that records none is taken to have; None or
+                          absent = voxel_size_um
 patch_size                training patch [z, y, x] in voxels
 finished                  True when the planned epochs were all done
 ========================  ============================================================
@@ -222,6 +226,8 @@ class ModelInfo:
     channel names in order ("cell", "boundary"). segment: the post-processing
     settings chosen on the training's validation stacks (:mod:`core.segment_choice`;
     empty: the shipped ones), segment_choice: that search's report, or None.
+    stack_voxel_size_um: the training stacks' own voxel size where the model trains
+    on a coarser grid, else None (see :attr:`assumed_voxel_size_um`).
     """
 
     path: str
@@ -240,6 +246,13 @@ class ModelInfo:
     created: str = ""
     segment: Dict[str, Any] = field(default_factory=dict)
     segment_choice: Optional[Dict[str, Any]] = None
+    stack_voxel_size_um: Optional[Tuple[float, float, float]] = None
+
+    @property
+    def assumed_voxel_size_um(self) -> Optional[Tuple[float, float, float]]:
+        """What a stack that records no voxel size is taken to have: the training
+        stacks' own voxel size (the model's grid may be coarser)."""
+        return self.stack_voxel_size_um or self.voxel_size_um
 
 
 def model_info(data: Mapping[str, Any], path: Union[str, Path] = "") -> ModelInfo:
@@ -250,7 +263,7 @@ def model_info(data: Mapping[str, Any], path: Union[str, Path] = "") -> ModelInf
     best = int(data["best_epoch"])
     vm = data.get("valid_metrics") or []
     best_vm = vm[best - 1] if 0 < best <= len(vm) and isinstance(vm[best - 1], dict) else {}
-    vs = data["voxel_size_um"]
+    vs, stack_vs = data["voxel_size_um"], data.get("stack_voxel_size_um")
     return ModelInfo(
         path=str(path), target=str(data["target"]),
         channels=tuple(data.get("channels") or cfg.channel_names),
@@ -262,6 +275,7 @@ def model_info(data: Mapping[str, Any], path: Union[str, Path] = "") -> ModelInf
         test_metrics=dict(data.get("test_metrics") or {}),
         episeg_version=str(data.get("episeg_version", "")), created=str(data.get("created", "")),
         segment=dict(data.get("segment") or {}), segment_choice=data.get("segment_choice"),
+        stack_voxel_size_um=None if stack_vs is None else tuple(float(v) for v in stack_vs),
     )
 
 
@@ -303,6 +317,8 @@ def read_model_summary(path: Union[str, Path]) -> Dict[str, Any]:
         "path": str(path), "target": info.target, "channels": list(info.channels),
         "normalisation": info.normalisation,
         "voxel_size_um": None if info.voxel_size_um is None else list(info.voxel_size_um),
+        "stack_voxel_size_um": (None if info.stack_voxel_size_um is None
+                                else list(info.stack_voxel_size_um)),
         "patch_size": list(info.patch_size), "epochs": info.epochs,
         "best_epoch": info.best_epoch, "best_metric": info.best_metric,
         "valid_metrics": info.valid_metrics, "test_metrics": info.test_metrics,

@@ -225,6 +225,13 @@ def stack_channels(
     shape = volume.shape
     voxel_size = volume.voxel_size or config.input_voxel_size_um
     model_vs = info.voxel_size_um
+    stacks_vs = getattr(info, "stack_voxel_size_um", None)
+    if voxel_size is None and stacks_vs is not None:
+        # the model trains on a grid coarser than its training stacks': a stack from the
+        # same microscope has theirs
+        voxel_size = stacks_vs
+        rep.message(f"{volume.name}: no voxel size recorded; assuming that of the model's "
+                    f"training stacks, {tuple(stacks_vs)} um ({SET_VOXEL_SIZE})")
     view = normalised_view(volume.data, info.normalisation)
     image: Any = view
     resample = _needs_resampling(voxel_size, model_vs)

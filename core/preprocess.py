@@ -168,6 +168,34 @@ def factors_for_voxel_size(voxel_size: Sequence[float],
     return tuple(float(v) / float(t) for v, t in zip(voxel_size, target_voxel_size))  # type: ignore
 
 
+#: Training-grid rule (:func:`training_grid_um`): Y and X are coarsened until the Z step
+#: is this many times theirs ...
+LATERAL_TO_AXIAL = 2.2
+#: ... by at most this factor (the one measured: docs/accuracy.md, steps 26 and 27).
+MAX_LATERAL_COARSENING = 1.5
+#: Smaller changes are not worth a resampling (which blurs a little).
+MIN_LATERAL_COARSENING = 1.1
+
+
+def training_grid_um(voxel_size_um: Sequence[float]) -> Vec3:
+    """The grid (z, y, x) um a new model trains on, for stacks recorded at ``voxel_size_um``.
+
+    Confocal stacks are sampled much more finely in Y and X than in Z. Where the
+    Z step is more than :data:`LATERAL_TO_AXIAL` times the Y/X step, Y and X are
+    coarsened towards that ratio, by at most :data:`MAX_LATERAL_COARSENING`; Z
+    and isotropic or mildly anisotropic grids are kept. On 1 x 0.3 x 0.3 um
+    stacks this gives 1 x 0.45 x 0.45 um: 2.25x fewer voxels for the same
+    tissue, so a CPU's training minutes see about twice the tissue, with the
+    same accuracy once training has converged (docs/accuracy.md, step 27).
+    Predictions are still returned on each stack's own grid.
+    """
+    z, y, x = (float(v) for v in voxel_size_um)
+    factor = min(MAX_LATERAL_COARSENING, z / (LATERAL_TO_AXIAL * max(y, x)))
+    if factor < MIN_LATERAL_COARSENING:
+        return (z, y, x)
+    return (z, round(y * factor, 6), round(x * factor, 6))
+
+
 def resampled_shape(shape: Sequence[int], factors: Sequence[float]) -> Tuple[int, int, int]:
     """Output shape for zoom ``factors``: round(n * f), at least 1 per axis."""
     return tuple(max(1, int(round(n * f))) for n, f in zip(shape, factors))  # type: ignore

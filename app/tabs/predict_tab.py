@@ -50,7 +50,7 @@ class PredictTab(QWidget):
         self.voxel_size = vec3_field(
             "z, y, x um; only for stacks whose files record none",
             "The voxel size of stacks whose files record none (most .mat files, .npy, "
-            "some TIFFs). Empty: the model's training voxel size is assumed. A wrong one makes "
+            "some TIFFs). Empty: that of the model's training stacks is assumed. A wrong one makes "
             "the network see cells at the wrong scale: give the microscope's.")
         self.tta = QCheckBox("Test-time augmentation (average over flips; slower)")
         self.tta.setToolTip(PredictConfig.__dataclass_fields__["tta"].metadata["help"])

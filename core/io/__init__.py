@@ -37,8 +37,8 @@ from core.io.base import AmbiguousVolumeError, Entry, check_dtype, fmt_shape, fm
 from core.volume import Volume, as_labels
 
 __all__ = [
-    "read_volume", "read_labels", "write_volume", "check_same_shape", "list_contents",
-    "split_spec", "format_of", "atomic_path", "Entry", "AmbiguousVolumeError",
+    "read_volume", "read_labels", "read_voxel_size", "write_volume", "check_same_shape",
+    "list_contents", "split_spec", "format_of", "atomic_path", "Entry", "AmbiguousVolumeError",
     "SUPPORTED_EXTENSIONS",
 ]
 
@@ -238,6 +238,20 @@ def read_volume(spec: Spec, *, channel: Optional[int] = None, time: Optional[int
     meta["format"] = fmt_name
     stem = path.name[: -len(".ome.tif")] if path.name.lower().endswith(".ome.tif") else path.stem
     return Volume(data=data, voxel_size=voxel, name=stem, source=source, meta=meta)
+
+
+def read_voxel_size(spec: Spec) -> Optional[Tuple[float, float, float]]:
+    """The voxel size (z, y, x) um that a file records, or None; reads the header only
+    where the format allows (HDF5, MATLAB v7.3, TIFF tags)."""
+    path, name = split_spec(spec)
+    fmt = _check_input(path)
+    try:
+        with _MODULES[fmt].open_source(path, name) as src:
+            return src.voxel_size
+    except EpiSegError:
+        raise
+    except Exception as err:  # library errors: corrupt, truncated, not really this format
+        raise _corrupt(path, fmt, err) from err
 
 
 def read_labels(spec: Spec, *, channel: Optional[int] = None, time: Optional[int] = None) -> Volume:

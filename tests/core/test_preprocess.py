@@ -165,6 +165,18 @@ def test_resample_image_matches_whole_volume_zoom_and_shapes():
 
 
 # ----------------------------------------------------------------- normalisation
+def test_new_models_train_on_a_grid_no_finer_than_the_z_step_allows():
+    from core.preprocess import training_grid_um
+    # the lab's kind of stack: Y/X 3.3x finer than Z -> 1.5x coarser in Y and X, Z kept
+    assert training_grid_um((1.0, 0.3, 0.3)) == pytest.approx((1.0, 0.45, 0.45))
+    assert training_grid_um((2.0, 0.2, 0.2)) == pytest.approx((2.0, 0.3, 0.3))  # at most 1.5x
+    # only as far as the Z step allows
+    assert training_grid_um((0.8, 0.25, 0.25)) == pytest.approx((0.8, 0.8 / 2.2, 0.8 / 2.2))
+    # isotropic, mildly anisotropic or already coarse stacks keep their grid
+    for kept in [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (1.0, 0.45, 0.45), (0.3, 0.3, 0.3)]:
+        assert training_grid_um(kept) == kept
+
+
 def test_zscore_mean_0_std_1():
     # torchio ZNormalization: (x - mean) / std with the unbiased std, over every voxel
     img = np.random.default_rng(3).gamma(2.0, 300.0, (8, 20, 20)).astype(np.uint16)

@@ -247,6 +247,41 @@ def test_init_fine_tunes_an_existing_model(stacks, tmp_path, trained):
         train(replace(cfg, target="boundaries"), tmp_path / "other.pt", init=trained[0])
 
 
+def test_a_new_model_trains_on_a_coarser_yx_grid_only_where_the_stacks_are_far_finer_than_z(
+        tmp_path):
+    image, labels = epithelium(0, shape=(8, 48, 48))
+    fine = (1.0, 0.3, 0.3)  # as the lab's confocal stacks: Y/X 3.3x finer than Z
+    raw, lab = tmp_path / "raw.tif", tmp_path / "labels.tif"
+    write_volume(raw, Volume(image, fine, name="fine"))
+    write_volume(lab, Volume(labels, fine, name="fine"), labels=True)
+    pair = (str(raw), str(lab))
+    cfg = config({"train": pair, "val": pair}, epochs=1, iterations_per_epoch=1,
+                 patch_size=[8, 24, 24])
+    events = []
+    train(cfg, tmp_path / "new.pt", progress=events.append)
+    info = model_info(load_model_file(tmp_path / "new.pt"), tmp_path / "new.pt")
+    assert info.voxel_size_um == pytest.approx((1.0, 0.45, 0.45))
+    # a stack from the same microscope that records no voxel size is taken to have theirs
+    assert info.assumed_voxel_size_um == pytest.approx(fine)
+    assert any("training grid" in (e.message or "") and "--voxel-size" in (e.message or "")
+               for e in events)
+    # a grid the user gives wins
+    chosen = replace(cfg, data=replace(cfg.data, target_voxel_size_um=fine))
+    train(chosen, tmp_path / "full.pt")
+    assert model_info(load_model_file(tmp_path / "full.pt"), tmp_path / "full.pt").voxel_size_um \
+        == pytest.approx(fine)
+    assert model_info(load_model_file(tmp_path / "full.pt"), tmp_path / "full.pt") \
+        .stack_voxel_size_um is None
+    # fine-tuning keeps the grid of the model it starts from
+    train(cfg, tmp_path / "tuned_new.pt", init=tmp_path / "new.pt")
+    tuned = model_info(load_model_file(tmp_path / "tuned_new.pt"), tmp_path / "tuned_new.pt")
+    assert tuned.voxel_size_um == pytest.approx((1.0, 0.45, 0.45))
+    assert tuned.assumed_voxel_size_um == pytest.approx(fine)
+    train(cfg, tmp_path / "tuned.pt", init=tmp_path / "full.pt")
+    assert model_info(load_model_file(tmp_path / "tuned.pt"), tmp_path / "tuned.pt").voxel_size_um \
+        == pytest.approx(fine)
+
+
 def test_other_targets_losses_and_preprocessed_inputs(stacks, tmp_path):
     from core.io import read_labels, read_volume
     from core.preprocess import PreprocessConfig, preprocess_volume, write_preprocessed

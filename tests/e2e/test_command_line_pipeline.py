@@ -112,8 +112,9 @@ def test_input_with_another_voxel_size_comes_back_on_its_own_grid(run, tmp_path)
 
 
 def test_a_stack_without_voxel_size_is_resampled_from_the_one_given(run, tmp_path, capsys):
-    """A .npy records no voxel size: without --voxel-size the model's is assumed (and
-    said); with it, the stack is resampled to the model's grid and keeps its own."""
+    """A .npy records no voxel size: without --voxel-size that of the model's training
+    stacks is assumed (and said), though the model trains on a coarser grid; with it,
+    the stack is resampled to the model's grid and keeps its own."""
     d, raw, lab = run
     vol = read_volume(str(raw[2]))
     src = tmp_path / "coarse.npy"
@@ -121,8 +122,11 @@ def test_a_stack_without_voxel_size_is_resampled_from_the_one_given(run, tmp_pat
     assert main(["predict", "--model", str(d / "model.pt"), "--out", str(tmp_path / "a"),
                  str(src)]) == 0
     said = capsys.readouterr().err  # log lines go to stderr, above the progress bars
-    assert "no voxel size recorded; assuming the model's (1.0, 0.3, 0.3) um" in said
-    assert "--voxel-size" in said and "resampling" not in said
+    assert "no voxel size recorded; assuming that of the model's training stacks, " \
+        "(1.0, 0.3, 0.3) um" in said and "--voxel-size" in said
+    assert "to the model's (1.0, 0.45, 0.45) um" in said  # its grid (core.preprocess)
+    assert read_labels(str(tmp_path / "a" / "coarse_cells.tif")).shape \
+        == vol.data[:, ::2, ::2].shape
     assert main(["predict", "--model", str(d / "model.pt"), "--out", str(tmp_path / "b"),
                  "--voxel-size", "1,0.6,0.6", str(src)]) == 0
     assert "resampling from voxel size (1.0, 0.6, 0.6) um" in capsys.readouterr().err
@@ -142,7 +146,7 @@ def test_no_voxel_size_anywhere_is_said_with_what_to_do(run):
     model, info = load_model_for_inference(d / "model.pt", "cpu")
     said = []
     segment_stack(Volume(read_volume(str(raw[2])).data, None, "bare"), model,
-                  replace(info, voxel_size_um=None),
+                  replace(info, voxel_size_um=None, stack_voxel_size_um=None),
                   progress=lambda e: said.append(e.message or ""))
     text = " ".join(said)
     assert "neither the stack nor the model records a voxel size" in text
