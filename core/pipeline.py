@@ -432,7 +432,9 @@ def predict_files(
     device = resolve_device(None if config.device == "auto" else config.device)
     model, info = load_model_for_inference(model_path, device)
     rep.message(f"model {model_path}: target {info.target}, trained {info.epochs} epochs, "
-                f"voxel size {info.voxel_size_um} um; device {device}")
+                f"voxel size {info.voxel_size_um} um" + (
+                    f" (its training stacks' {info.stack_voxel_size_um} um)"
+                    if info.stack_voxel_size_um else "") + f"; device {device}")
     out_dir.mkdir(parents=True, exist_ok=True)
     network, client = None, None
     if workers or scheduler:
