@@ -134,7 +134,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # train (and predict) on a grid 1.5x coarser in Y and X than the stacks'
     # 0.3 um (step 26): 2.25x fewer voxels for the same tissue, for CPUs that do few steps;
     # prediction resamples the probabilities back before the cells are found. Since step 27
-    # the default does this by itself (core.preprocess.training_grid_um) ...
+    # the default does this by itself on a CPU (core.preprocess.training_grid_um) ...
     "coarse_yx": {"data": {"target_voxel_size_um": [1.0, 0.45, 0.45]}},
     # ... and this is the stacks' own grid, the default up to step 26
     "full_yx": {"data": {"target_voxel_size_um": [1.0, 0.3, 0.3]}},

@@ -178,16 +178,17 @@ MIN_LATERAL_COARSENING = 1.1
 
 
 def training_grid_um(voxel_size_um: Sequence[float]) -> Vec3:
-    """The grid (z, y, x) um a new model trains on, for stacks recorded at ``voxel_size_um``.
+    """The grid (z, y, x) um of a new model trained on a CPU from stacks at ``voxel_size_um``.
 
     Confocal stacks are sampled much more finely in Y and X than in Z. Where the
     Z step is more than :data:`LATERAL_TO_AXIAL` times the Y/X step, Y and X are
     coarsened towards that ratio, by at most :data:`MAX_LATERAL_COARSENING`; Z
     and isotropic or mildly anisotropic grids are kept. On 1 x 0.3 x 0.3 um
     stacks this gives 1 x 0.45 x 0.45 um: 2.25x fewer voxels for the same
-    tissue, so a CPU's training minutes see about twice the tissue, with the
-    same accuracy once training has converged (docs/accuracy.md, step 27).
-    Predictions are still returned on each stack's own grid.
+    tissue, so a CPU's training minutes see about twice the tissue (on a GPU,
+    which trains far enough either way, the stacks' own grid is kept:
+    docs/accuracy.md, step 27). Predictions are still returned on each
+    stack's own grid.
     """
     z, y, x = (float(v) for v in voxel_size_um)
     factor = min(MAX_LATERAL_COARSENING, z / (LATERAL_TO_AXIAL * max(y, x)))

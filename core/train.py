@@ -146,9 +146,9 @@ class DataConfig:
                 "the last part of the stack along Y or X); 0 = no validation."})
     target_voxel_size_um: Optional[Vec3] = field(default=None, metadata={
         "gt": 0, "help": "Training voxel size (z, y, x) um; others are resampled to it. "
-                         "Empty = the first training volume's, with Y and X up to 1.5x "
-                         "coarser where they are over 2.2x finer than Z (a fine-tuned model "
-                         "keeps its own)."})
+                         "Empty = the first training volume's; on a CPU with Y and X up "
+                         "to 1.5x coarser where they are over 2.2x finer than Z (a "
+                         "fine-tuned model keeps its own)."})
     normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
     targets: TargetSettings = field(default_factory=TargetSettings)
 
@@ -677,16 +677,20 @@ def _stack_voxel_size(data: Dict[str, Any]) -> Optional[Vec3]:
     return None if vs is None else tuple(float(v) for v in vs)
 
 
-def _new_model_grid(run: _Run, sources: Sequence[DataSource]
+def _new_model_grid(run: _Run, sources: Sequence[DataSource], device: torch.device
                     ) -> Tuple[Optional[Vec3], Optional[Vec3]]:
-    """(grid, stacks' voxel size) um (z, y, x) of a new model when no grid was given: the
-    first training stack's voxel size coarsened in Y and X by
-    :func:`core.preprocess.training_grid_um` when every stack's voxel size is known;
-    (None, None) otherwise or when nothing changes (the first stack's grid, as before)."""
+    """(grid, stacks' voxel size) um (z, y, x) of a new model trained on ``device`` when no
+    grid was given. On a CPU, the first training stack's voxel size coarsened in Y and X
+    by :func:`core.preprocess.training_grid_um` when every stack's voxel size is known:
+    a CPU's minutes are far from enough to train out, and the coarser grid sees about
+    twice the tissue in them. On a GPU, which has the compute, and otherwise, (None,
+    None): the first stack's own grid (docs/accuracy.md, step 27)."""
     from core.io import read_voxel_size
     from core.io.base import fmt_voxel
     from core.preprocess import training_grid_um
 
+    if torch.device(device).type != "cpu":
+        return None, None
     sizes = []
     for src in sources:
         if src.voxel_size_um is not None:
@@ -706,9 +710,9 @@ def _new_model_grid(run: _Run, sources: Sequence[DataSource]
     factor = grid[1] / sizes[0][1]
     run.say(f"training grid {fmt_voxel(grid)}: Y and X {factor:.3g}x coarser than the stacks' "
             f"{fmt_voxel(sizes[0])}, much finer than their Z step: {factor ** 2:.3g}x fewer "
-            "voxels, so more training per minute (cells are still found on each stack's own "
-            "grid). Give data.target_voxel_size_um (--voxel-size) to train on another grid.",
-            stage="load")
+            "voxels, so more training per CPU minute (cells are still found on each stack's "
+            "own grid). Give data.target_voxel_size_um (--voxel-size) to train on another "
+            "grid.", stage="load")
     return grid, sizes[0]
 
 
@@ -739,7 +743,7 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         voxel_size = tuple(init_data["voxel_size_um"])
         run.stack_voxel_size = _stack_voxel_size(init_data)
     if voxel_size is None and saved is None and init_data is None:
-        voxel_size, run.stack_voxel_size = _new_model_grid(run, cfg.data.train)
+        voxel_size, run.stack_voxel_size = _new_model_grid(run, cfg.data.train, device)
     train_vols, voxel_size = _load_sources(run, cfg.data.train, target, voxel_size,
                                            weight_map, "training")
     val_vols: List[TrainVolume] = []

@@ -71,12 +71,12 @@ class TrainTab(QWidget):
                             "where the CPU emulates bf16: about 35x slower there)")
         self.patch = vec3_field("automatic (from the memory); or z, y, x voxels")
         self.voxel_size = vec3_field(
-            "z, y, x um; empty = from the first stack's",
+            "automatic (from the stacks); or z, y, x um",
             "The voxel size the model trains at; stacks with another one are resampled to it, "
             "and stacks whose files record none (most .mat files, .npy) are taken to have it. "
-            "Empty: the first stack's, with Y and X up to 1.5x coarser where they are far finer "
-            "than Z (1 x 0.3 x 0.3 um trains at 1 x 0.45 x 0.45): more training per minute, "
-            "cells still found at full resolution; a fine-tuned model keeps its own. "
+            "Empty: the first stack's; on a CPU with Y and X up to 1.5x coarser where they are "
+            "far finer than Z (1 x 0.3 x 0.3 um trains at 1 x 0.45 x 0.45): more training per "
+            "minute, cells still found at full resolution; a fine-tuned model keeps its own. "
             "Without any, the model has none and prediction measures cells in 1 um voxels.")
         self.init = PathField("open", "EpiSeg models (*.pt)", "optional: a model to fine-tune")
         if default_model() is not None:

@@ -64,9 +64,9 @@ def register(sub) -> None:
                    help="augmentation strength (default: default)")
     p.add_argument("--voxel-size", type=voxel_size, metavar="Z,Y,X",
                    help="training voxel size in um; stacks are resampled to it "
-                        "(default: the first training stack's, with Y and X up to 1.5x "
-                        "coarser where they are over 2.2x finer than Z; a fine-tuned model "
-                        "keeps its own)")
+                        "(default: the first training stack's; on a CPU with Y and X up to "
+                        "1.5x coarser where they are over 2.2x finer than Z; a fine-tuned "
+                        "model keeps its own)")
     p.add_argument("--amp", choices=["auto", "on", "off"],
                    help="mixed precision: auto (CUDA yes; a CPU only where it computes bf16 in "
                         "hardware), on, off")

@@ -247,7 +247,7 @@ def test_init_fine_tunes_an_existing_model(stacks, tmp_path, trained):
         train(replace(cfg, target="boundaries"), tmp_path / "other.pt", init=trained[0])
 
 
-def test_a_new_model_trains_on_a_coarser_yx_grid_only_where_the_stacks_are_far_finer_than_z(
+def test_on_a_cpu_a_new_model_trains_on_a_coarser_yx_grid_where_stacks_are_far_finer_than_z(
         tmp_path):
     image, labels = epithelium(0, shape=(8, 48, 48))
     fine = (1.0, 0.3, 0.3)  # as the lab's confocal stacks: Y/X 3.3x finer than Z
@@ -272,6 +272,12 @@ def test_a_new_model_trains_on_a_coarser_yx_grid_only_where_the_stacks_are_far_f
         == pytest.approx(fine)
     assert model_info(load_model_file(tmp_path / "full.pt"), tmp_path / "full.pt") \
         .stack_voxel_size_um is None
+    # on a GPU, which trains either grid out, a new model keeps the stacks' own grid
+    from core.train import _new_model_grid, _Run
+    run = _Run(cfg, tmp_path / "gpu.pt", None, None)
+    assert _new_model_grid(run, cfg.data.train, torch.device("cuda")) == (None, None)
+    assert _new_model_grid(run, cfg.data.train, torch.device("cpu"))[0] == pytest.approx(
+        (1.0, 0.45, 0.45))
     # fine-tuning keeps the grid of the model it starts from
     train(cfg, tmp_path / "tuned_new.pt", init=tmp_path / "new.pt")
     tuned = model_info(load_model_file(tmp_path / "tuned_new.pt"), tmp_path / "tuned_new.pt")
