@@ -256,6 +256,7 @@ def load_pair(
     normalisation: Any = None,
     targets_config: Any = None,
     weight_map: Optional[Dict[str, float]] = None,
+    unrecorded_voxel_size_um: Optional[Sequence[float]] = None,
     progress=None,
     cancel=None,
 ) -> TrainVolume:
@@ -264,6 +265,7 @@ def load_pair(
     voxel_size_um: the training voxel size (z, y, x) um; the pair is resampled
     to it when its own voxel size differs (and is known). input_voxel_size_um:
     the pair's voxel size when the file records none (or to override it).
+    unrecorded_voxel_size_um: the pair's voxel size only where neither file records one.
     Normalisation and targets as in :func:`core.preprocess.preprocess_volume`.
     """
     from core import preprocess as pp
@@ -271,7 +273,7 @@ def load_pair(
 
     raw = read_volume(raw_spec)
     lab = read_labels(labels_spec)
-    vs = input_voxel_size_um or raw.voxel_size or lab.voxel_size
+    vs = input_voxel_size_um or raw.voxel_size or lab.voxel_size or unrecorded_voxel_size_um
     resample = pp.ResampleConfig(input_voxel_size_um=None if vs is None else tuple(vs))
     if voxel_size_um is not None and vs is not None and not np.allclose(vs, voxel_size_um, rtol=1e-3):
         resample.target_voxel_size_um = tuple(float(v) for v in voxel_size_um)

@@ -149,6 +149,10 @@ class DataConfig:
                          "Empty = the first training volume's; on a CPU with Y and X up "
                          "to 1.5x coarser where they are over 2.2x finer than Z (a "
                          "fine-tuned model keeps its own)."})
+    stack_voxel_size_um: Optional[Vec3] = field(default=None, metadata={
+        "gt": 0, "help": "Voxel size (z, y, x) um of the training and validation stacks whose "
+                         "files record none (most .mat files, .npy); a stack's own "
+                         "voxel_size_um wins."})
     normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
     targets: TargetSettings = field(default_factory=TargetSettings)
 
@@ -644,8 +648,8 @@ NO_VOXEL_SIZE_WARNING = (
     "no training stack records a voxel size and none was given, so the model will have "
     "none: prediction then measures cells in 1 um voxels (seed erosion, smallest cell) "
     "wherever a stack records none either, which merges cells many voxels wide. Give the "
-    "microscope's voxel size: --voxel-size Z,Y,X, the Train tab's Voxel size, or "
-    "voxel_size_um per stack in the config.")
+    "microscope's voxel size: --stack-voxel-size Z,Y,X, the Train tab's \"Stacks' voxel "
+    "size\", or voxel_size_um per stack in the config.")
 
 
 def _load_sources(run: _Run, sources: Sequence[DataSource], target: str,
@@ -663,7 +667,8 @@ def _load_sources(run: _Run, sources: Sequence[DataSource], target: str,
         if src.h5 is not None:
             vol = load_h5(src.h5, **kw)
         else:
-            vol = load_pair(src.raw, src.labels, cancel=run.cancel, **kw)
+            vol = load_pair(src.raw, src.labels, cancel=run.cancel,
+                            unrecorded_voxel_size_um=cfg.data.stack_voxel_size_um, **kw)
         if voxel_size is None and vol.voxel_size is not None:
             voxel_size = vol.voxel_size
         for w in vol.warnings:
@@ -677,14 +682,15 @@ def _stack_voxel_size(data: Dict[str, Any]) -> Optional[Vec3]:
     return None if vs is None else tuple(float(v) for v in vs)
 
 
-def _new_model_grid(run: _Run, sources: Sequence[DataSource], device: torch.device
-                    ) -> Tuple[Optional[Vec3], Optional[Vec3]]:
+def _new_model_grid(run: _Run, sources: Sequence[DataSource], device: torch.device,
+                    unrecorded: Optional[Vec3] = None) -> Tuple[Optional[Vec3], Optional[Vec3]]:
     """(grid, stacks' voxel size) um (z, y, x) of a new model trained on ``device`` when no
     grid was given. On a CPU, the first training stack's voxel size coarsened in Y and X
     by :func:`core.preprocess.training_grid_um` when every stack's voxel size is known:
     a CPU's minutes are far from enough to train out, and the coarser grid sees about
     twice the tissue in them. On a GPU, which has the compute, and otherwise, (None,
-    None): the first stack's own grid (docs/accuracy.md, step 27)."""
+    None): the first stack's own grid (docs/accuracy.md, step 27). ``unrecorded``: the
+    voxel size of stacks whose files record none (``data.stack_voxel_size_um``)."""
     from core.io import read_voxel_size
     from core.io.base import fmt_voxel
     from core.preprocess import training_grid_um
@@ -698,7 +704,7 @@ def _new_model_grid(run: _Run, sources: Sequence[DataSource], device: torch.devi
         elif src.h5 is not None:
             return None, None  # preprocessed files keep the grid they were made at
         else:
-            vs = read_voxel_size(src.raw) or read_voxel_size(src.labels)
+            vs = read_voxel_size(src.raw) or read_voxel_size(src.labels) or unrecorded
             if vs is None:
                 return None, None
             sizes.append(tuple(float(v) for v in vs))
@@ -743,7 +749,8 @@ def _train(run: _Run, cfg: TrainConfig, target: str, saved, init_data, init, dev
         voxel_size = tuple(init_data["voxel_size_um"])
         run.stack_voxel_size = _stack_voxel_size(init_data)
     if voxel_size is None and saved is None and init_data is None:
-        voxel_size, run.stack_voxel_size = _new_model_grid(run, cfg.data.train, device)
+        voxel_size, run.stack_voxel_size = _new_model_grid(run, cfg.data.train, device,
+                                                           cfg.data.stack_voxel_size_um)
     train_vols, voxel_size = _load_sources(run, cfg.data.train, target, voxel_size,
                                            weight_map, "training")
     val_vols: List[TrainVolume] = []

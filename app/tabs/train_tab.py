@@ -70,10 +70,16 @@ class TrainTab(QWidget):
                             "bf16 in hardware; off elsewhere on the CPU. 'on' forces it even "
                             "where the CPU emulates bf16: about 35x slower there)")
         self.patch = vec3_field("automatic (from the memory); or z, y, x voxels")
+        self.stack_voxel_size = vec3_field(
+            "as the files record; or z, y, x um",
+            "The voxel size of the training and validation stacks whose files record none "
+            "(most .mat files, .npy): the microscope's. Stacks whose files record one keep "
+            "theirs.")
         self.voxel_size = vec3_field(
             "automatic (from the stacks); or z, y, x um",
             "The voxel size the model trains at; stacks with another one are resampled to it, "
-            "and stacks whose files record none (most .mat files, .npy) are taken to have it. "
+            "and stacks whose voxel size is known nowhere (neither in their files nor in "
+            "Stacks' voxel size) are taken to have it. "
             "Empty: the first stack's; on a CPU with Y and X up to 1.5x coarser where they are "
             "far finer than Z (1 x 0.3 x 0.3 um trains at 1 x 0.45 x 0.45): more training per "
             "minute, cells still found at full resolution; a fine-tuned model keeps its own. "
@@ -101,7 +107,8 @@ class TrainTab(QWidget):
         ], [
             ("Epochs", self.epochs), ("Batches per epoch", self.iterations),
             ("Time budget", self.minutes), ("Patch size", self.patch),
-            ("Voxel size", self.voxel_size),
+            ("Stacks' voxel size", self.stack_voxel_size),
+            ("Training voxel size", self.voxel_size),
         ])
         files = form_box("Model file", [
             ("Fine-tune", self.init), ("Save model as", self.out), ("", self.resume),
@@ -165,14 +172,17 @@ class TrainTab(QWidget):
         self.minutes.setValue(cfg.max_minutes or 0)
         self.amp.setCurrentText(cfg.amp)
         self.voxel_size.setText(vec3_text(cfg.data.target_voxel_size_um))
+        self.stack_voxel_size.setText(vec3_text(cfg.data.stack_voxel_size_um))
 
     def config(self) -> TrainConfig:
         """The form's settings on top of the loaded config (ConfigError names the field)."""
         cfg = copy.deepcopy(self.base)
         cfg.data.train, cfg.data.val = [], []
         cfg.patch_size = cfg.max_minutes = cfg.data.target_voxel_size_um = None
+        cfg.data.stack_voxel_size_um = None
         return apply_overrides(cfg, {
             "data.target_voxel_size_um": self.voxel_size.text().strip() or None,
+            "data.stack_voxel_size_um": self.stack_voxel_size.text().strip() or None,
             "data.train": self.train_data.sources(),
             "data.val": self.val_data.sources(),
             "model.preset": self.preset.currentText(),

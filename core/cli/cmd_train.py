@@ -67,6 +67,9 @@ def register(sub) -> None:
                         "(default: the first training stack's; on a CPU with Y and X up to "
                         "1.5x coarser where they are over 2.2x finer than Z; a fine-tuned "
                         "model keeps its own)")
+    p.add_argument("--stack-voxel-size", type=voxel_size, metavar="Z,Y,X",
+                   help="voxel size in um of the training and validation stacks whose files "
+                        "record none (most .mat files, .npy)")
     p.add_argument("--amp", choices=["auto", "on", "off"],
                    help="mixed precision: auto (CUDA yes; a CPU only where it computes bf16 in "
                         "hardware), on, off")
@@ -118,6 +121,7 @@ def build_config(args):
         "optimizer.lr": args.lr,
         "augment.level": args.augment,
         "data.target_voxel_size_um": args.voxel_size,
+        "data.stack_voxel_size_um": args.stack_voxel_size,
         "amp": args.amp,
         "device": args.device,
         "threads": args.threads,

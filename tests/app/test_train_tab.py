@@ -87,6 +87,7 @@ def test_settings_round_trip_through_a_config(qtbot, stacks, tmp_path):
     tab.loss.setCurrentText("dice")
     tab.patch.setText("8, 32, 32")
     tab.voxel_size.setText("1, 0.3, 0.3")
+    tab.stack_voxel_size.setText("1, 0.2, 0.2")
     cfg = tab.config()
     cfg.optimizer.lr = 0.001  # not on the form: kept through the tab
     save_yaml(tmp_path / "t.yaml", cfg)
@@ -98,6 +99,8 @@ def test_settings_round_trip_through_a_config(qtbot, stacks, tmp_path):
     assert other.loss.currentText() == "dice" and other.patch.text() == "8, 32, 32"
     assert other.voxel_size.text() == "1, 0.3, 0.3"
     assert other.config().data.target_voxel_size_um == (1.0, 0.3, 0.3)
+    assert other.stack_voxel_size.text() == "1, 0.2, 0.2"
+    assert other.config().data.stack_voxel_size_um == (1.0, 0.2, 0.2)
     assert other.config().optimizer.lr == 0.001
 
 
@@ -130,8 +133,10 @@ def test_the_ap50_curve_puts_each_point_at_its_own_epoch(qtbot):
 
 
 def test_stacks_without_voxel_size_train_at_the_one_typed_in(qtbot, stacks):
-    """.npy stacks (like .mat) record no voxel size: without the tab's Voxel size the run
-    warns that the model will have none; with it, the model records the one typed in."""
+    """.npy stacks (like .mat) record no voxel size: without one typed in, the run warns
+    that the model will have none; a training voxel size is the model's; the stacks' own
+    voxel size (the microscope's) lets a CPU run choose its grid from it, and the model
+    remembers it for stacks that record none."""
     import numpy as np
 
     from core.io import read_volume
@@ -142,23 +147,32 @@ def test_stacks_without_voxel_size_train_at_the_one_typed_in(qtbot, stacks):
         for path, name in ((r, "raw"), (l, "labels")):
             np.save(d / f"bare_{i}_{name}.npy", read_volume(path).data)
         bare.append((str(d / f"bare_{i}_raw.npy"), str(d / f"bare_{i}_labels.npy")))
-    for typed, expected in (("", None), ("0.5, 0.2, 0.2", [0.5, 0.2, 0.2])):
+    cases = (("", "", None, None), ("0.5, 0.2, 0.2", "", [0.5, 0.2, 0.2], None),
+             ("", "1, 0.3, 0.3", [1.0, 0.45, 0.45], [1.0, 0.3, 0.3]))
+    for typed, stacks_typed, expected, expected_stacks in cases:
         tab = TrainTab()
         qtbot.addWidget(tab)
         for r, l in bare:
             tab.train_data.add_pair(r, l)
-        out = d / f"bare_{bool(typed)}.pt"
+        out = d / f"bare_{bool(typed)}_{bool(stacks_typed)}.pt"
         tab.out.setText(str(out))
         tab.epochs.setValue(1)
         tab.iterations.setValue(2)
         tab.patch.setText("8, 32, 32")
         tab.voxel_size.setText(typed)
+        tab.stack_voxel_size.setText(stacks_typed)
+        tab.device = "cpu"
         with qtbot.waitSignal(tab.panel.stopped, timeout=180000):
             tab.panel.run_button.click()
         assert not tab.panel.last_error, tab.panel.last_error
-        assert read_model_summary(out)["voxel_size_um"] == expected
+        summary = read_model_summary(out)
+        if expected is None:
+            assert summary["voxel_size_um"] is None
+        else:
+            assert summary["voxel_size_um"] == pytest.approx(expected)
+        assert summary["stack_voxel_size_um"] == expected_stacks
         warned = "no training stack records a voxel size" in tab.panel.log.toPlainText()
-        assert warned == (not typed)
+        assert warned == (not typed and not stacks_typed)
 
 
 def test_seeds_and_merging_chosen_again_on_the_validation_data_without_training(qtbot, stacks):

@@ -278,6 +278,17 @@ def test_on_a_cpu_a_new_model_trains_on_a_coarser_yx_grid_where_stacks_are_far_f
     assert _new_model_grid(run, cfg.data.train, torch.device("cuda")) == (None, None)
     assert _new_model_grid(run, cfg.data.train, torch.device("cpu"))[0] == pytest.approx(
         (1.0, 0.45, 0.45))
+    # stacks that record no voxel size (.npy, most .mat): the microscope's, given apart
+    # from the grid, lets the grid be chosen from it
+    np.save(tmp_path / "raw.npy", image)
+    np.save(tmp_path / "labels.npy", labels)
+    bare = ["--pair", str(tmp_path / "raw.npy"), str(tmp_path / "labels.npy")]
+    assert main(["train", *bare, "--val-pair", *bare[1:], "--out", str(tmp_path / "npy.pt"),
+                 "--stack-voxel-size", "1,0.3,0.3", "--device", "cpu", "--epochs", "1",
+                 "--iterations", "1", "--patch-size", "8,24,24", "--quiet"]) == 0
+    npy = model_info(load_model_file(tmp_path / "npy.pt"), tmp_path / "npy.pt")
+    assert npy.voxel_size_um == pytest.approx((1.0, 0.45, 0.45))
+    assert npy.assumed_voxel_size_um == pytest.approx(fine)
     # fine-tuning keeps the grid of the model it starts from
     train(cfg, tmp_path / "tuned_new.pt", init=tmp_path / "new.pt")
     tuned = model_info(load_model_file(tmp_path / "tuned_new.pt"), tmp_path / "tuned_new.pt")
