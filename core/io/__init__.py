@@ -241,12 +241,15 @@ def read_volume(spec: Spec, *, channel: Optional[int] = None, time: Optional[int
 
 
 def read_voxel_size(spec: Spec) -> Optional[Tuple[float, float, float]]:
-    """The voxel size (z, y, x) um that a file records, or None; reads the header only
-    where the format allows (HDF5, MATLAB v7.3, TIFF tags)."""
+    """The voxel size (z, y, x) um that a file records, or None, without reading the
+    stack itself (TIFF tags, HDF5 attributes, the .mat / .npz voxel-size variable)."""
     path, name = split_spec(spec)
     fmt = _check_input(path)
+    module = _MODULES[fmt]
     try:
-        with _MODULES[fmt].open_source(path, name) as src:
+        if hasattr(module, "voxel_size_of"):
+            return module.voxel_size_of(path, name)
+        with module.open_source(path, name) as src:  # HDF5: datasets are read lazily
             return src.voxel_size
     except EpiSegError:
         raise

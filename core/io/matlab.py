@@ -168,6 +168,18 @@ def open_source(path: Path, name: Optional[str]) -> Iterator[Source]:
     )
 
 
+def voxel_size_of(path: Path, name: Optional[str]) -> Optional[VoxelSize]:
+    """The voxel size a .mat file records, without reading the stack where the format
+    allows (v5: only that variable is loaded; v7.3 reads lazily anyway)."""
+    if is_v73(path):
+        with open_source(path, name) as src:
+            return src.voxel_size
+    if not any(e.name == VOXEL_SIZE_KEY for e in _v5_entries(path)):
+        return None
+    contents = scipy.io.loadmat(str(path), variable_names=[VOXEL_SIZE_KEY])
+    return clean_voxel_size(contents[VOXEL_SIZE_KEY], f"{path}:{VOXEL_SIZE_KEY}")
+
+
 # ---------------------------------------------------------------- writing
 
 

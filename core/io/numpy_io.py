@@ -73,6 +73,15 @@ def open_source(path: Path, name: Optional[str]) -> Iterator[Source]:
         yield Source(data=z[name], voxel_size=voxel, name=name, fmt="NumPy .npz")
 
 
+def voxel_size_of(path: Path, name: Optional[str]) -> Optional[VoxelSize]:
+    """The voxel size an .npz records (an .npy records none), without loading the stack."""
+    if path.suffix.lower() == ".npy":
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return clean_voxel_size(z[VOXEL_SIZE_KEY], f"{path}:{VOXEL_SIZE_KEY}") \
+            if VOXEL_SIZE_KEY in z.files else None
+
+
 def write(path: Path, data: np.ndarray, voxel_size: Optional[VoxelSize], *, name: str, suffix: str) -> Optional[str]:
     """Write .npy (no voxel size) or compressed .npz; returns a note if the voxel size was lost."""
     with open(path, "wb") as fh:

@@ -124,13 +124,7 @@ def open_source(path: Path, name: Optional[str]) -> Iterator[Source]:
                 )
             index = int(name)
         series = series_list[index]
-        voxel = None
-        if tf.is_imagej:
-            voxel = _imagej_voxel(tf)
-        if voxel is None and tf.is_ome:
-            voxel = _ome_voxel(tf, index)
-        if voxel is None and tf.is_shaped:
-            voxel = _shaped_voxel(tf)
+        voxel = _voxel(tf, index)
         # a large stack is decoded into a memory-mapped scratch file (core.scratch):
         # its pages can leave the process' memory while it is read tile by tile
         data = series.asarray(out=scratch_array(series.shape, series.dtype))
@@ -143,6 +137,24 @@ def open_source(path: Path, name: Optional[str]) -> Iterator[Source]:
             fmt=_format_name(tf),
             meta=meta,
         )
+
+
+def _voxel(tf: tifffile.TiffFile, index: int) -> Optional[VoxelSize]:
+    voxel = None
+    if tf.is_imagej:
+        voxel = _imagej_voxel(tf)
+    if voxel is None and tf.is_ome:
+        voxel = _ome_voxel(tf, index)
+    if voxel is None and tf.is_shaped:
+        voxel = _shaped_voxel(tf)
+    return voxel
+
+
+def voxel_size_of(path: Path, name: Optional[str]) -> Optional[VoxelSize]:
+    """The voxel size the TIFF's tags record (series ``name``), without decoding the images."""
+    with tifffile.TiffFile(path) as tf:
+        index = int(name) if name is not None and name.isdigit() else 0
+        return _voxel(tf, index) if tf.series else None
 
 
 def list_entries(path: Path) -> List[Entry]:

@@ -12,7 +12,7 @@ import tifffile
 
 from core.io import (
     AmbiguousVolumeError, check_same_shape, list_contents, read_labels, read_volume,
-    split_spec, write_volume,
+    read_voxel_size, split_spec, write_volume,
 )
 from core.errors import VolumeDataError
 from core.volume import Volume
@@ -68,6 +68,17 @@ def test_no_voxel_size_stays_unrecorded(tmp_path):
     for name in ["a.tif", "a.h5", "a.mat", "a.npz"]:
         back = read_volume(write_volume(tmp_path / name, image(voxel=None)))
         assert back.voxel_size is None, name
+
+
+def test_the_voxel_size_alone_is_read_as_the_whole_file_gives_it(tmp_path):
+    """What training asks of every stack before loading it (the training grid)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # .npy cannot store it
+        for name, kw in [("a.tif", {}), ("a.h5", {}), ("a.mat", {}),
+                         ("b.mat", {"mat_version": "7.3"}), ("a.npz", {}), ("a.npy", {})]:
+            for voxel in (VOXEL, None):
+                out = write_volume(tmp_path / f"{voxel is None}{name}", image(voxel=voxel), **kw)
+                assert read_voxel_size(out) == read_volume(out).voxel_size, (name, voxel)
 
 
 # ------------------------------------------------------------------ TIFF
