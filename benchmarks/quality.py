@@ -138,6 +138,10 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "coarse_yx": {"data": {"target_voxel_size_um": [1.0, 0.45, 0.45]}},
     # ... and this is the stacks' own grid, the default up to step 26
     "full_yx": {"data": {"target_voxel_size_um": [1.0, 0.3, 0.3]}},
+    # Falk et al.'s weight map (high in the gaps between touching cells) on the current
+    # recipe (step 28; only screened at 4 minutes on target `all` in step 1)
+    "weighted_bce": {"loss": {"name": "weighted_bce"}},
+    "weighted_bce_dice": {"loss": {"name": "weighted_bce_dice"}},
 }
 SCREEN = ["classical", "thesis", "both", "all", "all_weighted_bce", "all_strong_aug",
           "all_percentile", "all_wide"]

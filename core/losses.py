@@ -23,6 +23,8 @@ Losses (``make_loss(name)``):
 ``bce_dice``
     ``bce_weight * BCE + dice_weight * Dice`` (BCE weighted when a weight map
     is given).
+``weighted_bce_dice``
+    ``bce_dice`` with the Falk weight map on its BCE term.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from scipy import ndimage as ndi
 
 from core.errors import ConfigError
 
-LOSSES = ("dice", "bce", "weighted_bce", "bce_dice")
+LOSSES = ("dice", "bce", "weighted_bce", "bce_dice", "weighted_bce_dice")
 
 
 def _f32(*tensors):
@@ -91,7 +93,7 @@ class Loss:
 
     @property
     def needs_weight_map(self) -> bool:
-        return self.name == "weighted_bce"
+        return self.name in ("weighted_bce", "weighted_bce_dice")
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor,
                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -101,9 +103,9 @@ class Loss:
             return dice_loss(logits, target, smooth=self.dice_smooth)
         if self.name == "bce":
             return bce_loss(logits, target)
+        if self.needs_weight_map and weight is None:
+            raise ValueError(f"{self.name} needs a weight map")
         if self.name == "weighted_bce":
-            if weight is None:
-                raise ValueError("weighted_bce needs a weight map")
             return bce_loss(logits, target, weight)
         return (self.bce_weight * bce_loss(logits, target, weight)
                 + self.dice_weight * dice_loss(logits, target, smooth=self.dice_smooth))
@@ -211,6 +213,7 @@ def loss_names() -> Dict[str, str]:
         "bce": "binary cross-entropy",
         "weighted_bce": "BCE weighted by class balance + separation of close cells (Falk 2019)",
         "bce_dice": "BCE + Dice",
+        "weighted_bce_dice": "Falk-weighted BCE + Dice",
     }
 
 

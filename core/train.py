@@ -177,14 +177,16 @@ class ModelSection:
 
 @dataclass
 class LossConfig:
-    name: Literal["dice", "bce", "weighted_bce", "bce_dice"] = field(default="bce_dice", metadata={
-        "help": "dice, bce, weighted_bce (Falk 2019 weight map) or bce_dice."})
+    name: Literal["dice", "bce", "weighted_bce", "bce_dice", "weighted_bce_dice"] = field(
+        default="bce_dice", metadata={
+            "help": "dice, bce, weighted_bce (Falk 2019 weight map), bce_dice or "
+                    "weighted_bce_dice (the weight map on bce_dice's BCE)."})
     bce_weight: float = field(default=1.0, metadata={"min": 0, "help": "BCE share in bce_dice."})
     dice_weight: float = field(default=1.0, metadata={"min": 0, "help": "Dice share in bce_dice."})
     w0: float = field(default=10.0, metadata={
-        "min": 0, "help": "weighted_bce: height of the separation weight between close cells."})
+        "min": 0, "help": "weighted losses: height of the separation weight between close cells."})
     sigma_vox: float = field(default=5.0, metadata={
-        "gt": 0, "help": "weighted_bce: width (voxels) of the separation weight."})
+        "gt": 0, "help": "weighted losses: width (voxels) of the separation weight."})
 
 
 @dataclass

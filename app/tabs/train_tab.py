@@ -50,7 +50,7 @@ class TrainTab(QWidget):
         self.target.setToolTip("all_walls (default): cells, walls, tissue and a wall band per "
                                "axis; all: without the bands; both: cells and walls")
         self.loss = QComboBox()
-        self.loss.addItems(["bce_dice", "dice", "bce", "weighted_bce"])
+        self.loss.addItems(["bce_dice", "dice", "bce", "weighted_bce", "weighted_bce_dice"])
         self.augment = QComboBox()
         self.augment.addItems(["default", "light", "strong", "flips", "off"])
         self.epochs = QSpinBox()

@@ -54,7 +54,7 @@ def register(sub) -> None:
     p.add_argument("--target", choices=["cells_with_gaps", "boundaries", "both", "all", "all_walls"],
                    help="what the network predicts: cells with gaps, boundaries, both, or all "
                         "(both + tissue mask); default: see resources/configs/train.yaml")
-    p.add_argument("--loss", choices=["dice", "bce", "weighted_bce", "bce_dice"],
+    p.add_argument("--loss", choices=["dice", "bce", "weighted_bce", "bce_dice", "weighted_bce_dice"],
                    help="training loss (default bce_dice)")
     p.add_argument("--patch-size", type=voxels, metavar="Z,Y,X",
                    help="patch size in voxels (default: chosen from memory and model)")

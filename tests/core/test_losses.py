@@ -64,6 +64,23 @@ def test_weighted_bce_weights_count():
     assert float(bce_loss(logits2, target, w2)) > float(bce_loss(logits2, target))
 
 
+def test_weighted_bce_dice_is_bce_dice_with_the_weights_on_its_bce():
+    target = _target(2)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(target.shape, generator=g)
+    ones = torch.ones_like(target[:, :1])
+    weighted = make_loss("weighted_bce_dice")
+    assert weighted.needs_weight_map
+    assert float(weighted(logits, target, ones)) == pytest.approx(
+        float(make_loss("bce_dice")(logits, target)), rel=1e-6)
+    # the voxels a weight map stresses move the loss; without a map it refuses
+    wrong = (logits > 0).float() != target
+    stress = torch.where(wrong[:, :1], 10.0, 1.0)
+    assert float(weighted(logits, target, stress)) > float(weighted(logits, target, ones))
+    with pytest.raises(ValueError, match="weight map"):
+        weighted(logits, target)
+
+
 def test_unknown_loss_is_a_config_error():
     with pytest.raises(ConfigError, match="dice"):
         make_loss("focal")
