@@ -225,7 +225,8 @@ def stack_channels(
     shape = volume.shape
     voxel_size = volume.voxel_size or config.input_voxel_size_um
     model_vs = info.voxel_size_um
-    stacks_vs = getattr(info, "stack_voxel_size_um", None)  # callers may pass any object with voxel_size_um
+    # getattr: callers may pass any object with voxel_size_um as the model info
+    stacks_vs = getattr(info, "stack_voxel_size_um", None)
     if voxel_size is None and stacks_vs is not None:
         # the model trains on a grid coarser than its training stacks': a stack from the
         # same microscope has theirs
