@@ -37,6 +37,9 @@ class DemoSettings:
     preset: str = "small"
     real_sample: Optional[Path] = None
     init_model: Optional[Path] = None
+    #: medium and lumen brightness range of the training stacks (relative; cytoplasm
+    #: 0.12); None: the generator's dark medium (0.03) and lumen (0.05)
+    medium_brightness: Optional[Tuple[float, float]] = (0.02, 0.3)
 
 
 @dataclass
@@ -81,9 +84,14 @@ def run_demo(out_dir: Path, settings: Optional[DemoSettings] = None, *,
 
     # 1. data
     log.message(f"1/5 making {s.n_train + s.n_test} synthetic stacks {s.shape} in {out / 'data'}")
-    pairs = write_synthetic_dataset(out / "data", s.n_train + s.n_test, s.shape, seed=s.seed,
-                                    overwrite=True, progress=progress, cancel=cancel)
-    train_pairs, test_pairs = pairs[: s.n_train], pairs[s.n_train:]
+    # training stacks with a medium and lumen from darker to brighter than the cytoplasm
+    # (a real sample's medium can outshine its cells, as around the C. elegans embryo)
+    train_pairs = write_synthetic_dataset(out / "data", s.n_train, s.shape, seed=s.seed,
+                                          overwrite=True, medium_brightness=s.medium_brightness,
+                                          progress=progress, cancel=cancel)
+    test_pairs = write_synthetic_dataset(out / "data", s.n_test, s.shape, seed=s.seed,
+                                         first=s.n_train, overwrite=True, progress=progress,
+                                         cancel=cancel)
     check_cancelled(cancel, "The demo")
 
     # 2. training (the last training stack validates; test stacks stay unseen)

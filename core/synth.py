@@ -1003,10 +1003,26 @@ def stack_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0])
 
 
+def medium_params(params: SynthParams, seed: int, index: int,
+                  brightness: Tuple[float, float]) -> SynthParams:
+    """``params`` with the medium around the tissue and the lumen at a brightness each
+    drawn uniformly from ``brightness`` (relative intensities, as ``background`` and
+    ``lumen``; the cytoplasm is 0.12 in the presets). Drawn from their own stream, so
+    the stack's geometry, cells and noise do not change."""
+    lo, hi = (float(v) for v in brightness)
+    if not 0.0 <= lo <= hi:
+        raise ConfigError(f"medium brightness range {brightness!r}: give 0 <= low <= high.")
+    rng = np.random.default_rng([int(seed), int(index), 1])
+    background, lumen = rng.uniform(lo, hi, size=2)
+    return replace(params, background=float(background), lumen=float(lumen))
+
+
 def write_synthetic_dataset(out_dir: Union[str, Path], n: int, shape: Optional[Shape] = None,
                             seed: int = 0, params: Optional[SynthParams] = None, *,
                             prefix: str = "synth", preview: bool = False,
-                            overwrite: bool = False, progress: ProgressFn = None,
+                            overwrite: bool = False, first: int = 0,
+                            medium_brightness: Optional[Tuple[float, float]] = None,
+                            progress: ProgressFn = None,
                             cancel: CancelFlag = None) -> List[Tuple[Path, Path]]:
     """Write ``n`` synthetic stacks as ``PREFIX_000_raw.tif`` / ``PREFIX_000_labels.tif``.
 
@@ -1015,7 +1031,11 @@ def write_synthetic_dataset(out_dir: Union[str, Path], n: int, shape: Optional[S
     size, cells, noise), and stack ``i`` is the same whatever ``n`` is. The voxel
     size is written into the TIFFs. With ``preview`` a ``PREFIX_000_preview.png``
     of a few XY and XZ/YZ slices is written as well. Existing files are an error
-    unless ``overwrite``. Returns the (raw, labels) paths of the stacks written.
+    unless ``overwrite``. ``first``: the index of the first stack (a set can be
+    written in parts). ``medium_brightness`` (low, high): each stack's medium and
+    lumen get their own brightness from that range (:func:`medium_params`), so a
+    network trained on them cannot take "brighter than the medium" for tissue.
+    Returns the (raw, labels) paths of the stacks written.
     """
     from core.io import write_volume  # local: core.io is heavier and optional for arrays
 
@@ -1031,8 +1051,11 @@ def write_synthetic_dataset(out_dir: Union[str, Path], n: int, shape: Optional[S
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VolumeWriteError(f"{out} exists and is not a folder; choose another output folder.")
+    if not isinstance(first, (int, np.integer)) or first < 0:
+        raise ConfigError(f"The first stack's index must be a whole number >= 0, got {first!r}.")
+    indices = range(int(first), int(first) + int(n))
     names = [(out / f"{prefix}_{i:03d}_raw.tif", out / f"{prefix}_{i:03d}_labels.tif")
-             for i in range(n)]
+             for i in indices]
     if not overwrite:
         clash = [p for pair in names for p in pair if p.exists()]
         if clash:
@@ -1046,9 +1069,12 @@ def write_synthetic_dataset(out_dir: Union[str, Path], n: int, shape: Optional[S
         raise VolumeWriteError(f"Cannot create the output folder {out}: {err.strerror}.") from None
     reporter = ProgressReporter(progress, "stacks", total=n)
     written: List[Tuple[Path, Path]] = []
-    for i, (raw_path, lab_path) in enumerate(names):
+    for k, (i, (raw_path, lab_path)) in enumerate(zip(indices, names)):
         check_cancelled(cancel, "Writing the synthetic data set")
-        raw, labels = make_epithelium(params, stack_seed(seed, i), progress=progress, cancel=cancel)
+        stack_params = (params if medium_brightness is None
+                        else medium_params(params, seed, i, medium_brightness))
+        raw, labels = make_epithelium(stack_params, stack_seed(seed, i), progress=progress,
+                                      cancel=cancel)
         stem = f"{prefix}_{i:03d}"
         raw.name, labels.name = f"{stem}_raw", f"{stem}_labels"
         write_volume(raw_path, raw)
@@ -1057,7 +1083,7 @@ def write_synthetic_dataset(out_dir: Union[str, Path], n: int, shape: Optional[S
             save_preview_png(raw, labels, out / f"{stem}_preview.png")
         written.append((raw_path, lab_path))
         info = raw.meta["synth"]["tube"]
-        reporter.update(i + 1, message=f"{raw_path.name}: {info['n_cells']} cells")
+        reporter.update(k + 1, message=f"{raw_path.name}: {info['n_cells']} cells")
     return written
 
 

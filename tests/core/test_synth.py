@@ -15,7 +15,7 @@ from core.cli.main import main
 from core.errors import ConfigError, JobCancelled, VolumeWriteError
 from core.io import read_labels, read_volume
 from core.synth import (
-    SynthParams, make_epithelium, preview_image, save_preview_png, stack_seed,
+    SynthParams, make_epithelium, medium_params, preview_image, save_preview_png, stack_seed,
     write_synthetic_dataset,
 )
 
@@ -256,6 +256,27 @@ def test_dataset_files_hold_the_stacks_and_the_voxel_size(tmp_path):
     assert (tmp_path / "synth_000_preview.png").stat().st_size > 1000
     with pytest.raises(VolumeWriteError, match="already exists"):
         write_synthetic_dataset(tmp_path, 1, seed=4, params=params)
+
+
+def test_a_set_written_in_parts_and_a_brighter_medium(tmp_path):
+    params = SynthParams(shape=(12, 40, 40))
+    whole = write_synthetic_dataset(tmp_path / "whole", 3, seed=4, params=params)
+    part = write_synthetic_dataset(tmp_path / "part", 1, seed=4, params=params, first=2)
+    assert part[0][0].name == "synth_002_raw.tif"
+    np.testing.assert_array_equal(read_volume(part[0][0]).data, read_volume(whole[2][0]).data)
+    # the medium and lumen get their own brightness; cells, geometry and noise draws stay
+    lit = write_synthetic_dataset(tmp_path / "lit", 1, seed=4, params=params, first=2,
+                                  medium_brightness=(0.25, 0.3))
+    labels = read_labels(lit[0][1]).data
+    np.testing.assert_array_equal(labels, read_labels(whole[2][1]).data)
+    dark, bright = read_volume(whole[2][0]).data, read_volume(lit[0][0]).data
+    outside = labels == 0
+    # ~0.25 brighter relative to a membrane's 1500 counts, less haze and vignetting
+    assert np.median(bright[outside]) > np.median(dark[outside]) + 100
+    drawn = medium_params(params, 4, 2, (0.25, 0.3))
+    assert 0.25 <= drawn.background <= 0.3 and 0.25 <= drawn.lumen <= 0.3
+    with pytest.raises(ConfigError, match="medium brightness"):
+        medium_params(params, 4, 2, (0.3, 0.1))
 
 
 def test_preview_shows_xy_slices_and_sections(tmp_path, stack):
