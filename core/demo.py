@@ -38,7 +38,7 @@ class DemoSettings:
     real_sample: Optional[Path] = None
     init_model: Optional[Path] = None
     #: medium and lumen brightness range of the training stacks (relative; cytoplasm
-    #: 0.12); None: the generator's dark medium (0.03) and lumen (0.05)
+    #: 0.12 at medium difficulty); None: the dark medium (0.03) and lumen (0.05)
     medium_brightness: Optional[Tuple[float, float]] = (0.02, 0.3)
 
 

@@ -1007,7 +1007,7 @@ def medium_params(params: SynthParams, seed: int, index: int,
                   brightness: Tuple[float, float]) -> SynthParams:
     """``params`` with the medium around the tissue and the lumen at a brightness each
     drawn uniformly from ``brightness`` (relative intensities, as ``background`` and
-    ``lumen``; the cytoplasm is 0.12 in the presets). Drawn from their own stream, so
+    ``lumen``; the cytoplasm is 0.08-0.2 in the presets). Drawn from their own stream, so
     the stack's geometry, cells and noise do not change."""
     lo, hi = (float(v) for v in brightness)
     if not 0.0 <= lo <= hi:
