@@ -182,16 +182,25 @@ class DataTable(_DropsFiles):
     Add pairs with a file dialog (raw stacks, then their labels), preprocessed
     files from the Preprocess tab, or drop files: ``*_preprocessed.h5`` become
     preprocessed rows, names saying labels/mask/gt pair with the raw stacks in
-    name order. Cells are editable (e.g. to add ``:dataset``).
+    name order. Cells are editable (e.g. to add ``:dataset``). The third column
+    holds a stack's voxel size (z, y, x) um where its file records none or is
+    wrong; blank: the file's, else the tab's "Stacks' voxel size".
     """
 
     changed = Signal()
 
     def __init__(self, title: str, parent: Optional[QWidget] = None):
         super().__init__(parent)
-        self.table = QTableWidget(0, 2)
-        self.table.setHorizontalHeaderLabels(["raw stack or preprocessed .h5", "label stack"])
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["raw stack or preprocessed .h5", "label stack",
+                                              "voxel size z, y, x um"])
+        self.table.horizontalHeaderItem(2).setToolTip(
+            "Only where the stack's file records no voxel size, or a wrong one: "
+            "z, y, x in micrometres, e.g. 1, 0.3, 0.3. Blank: the file's, else "
+            "\"Stacks' voxel size\".")
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.Stretch)
+        header.setSectionResizeMode(2, QHeaderView.ResizeToContents)
         self.table.verticalHeader().setVisible(False)
         self.table.setTextElideMode(Qt.ElideLeft)
         self.table.setWordWrap(False)
@@ -213,18 +222,19 @@ class DataTable(_DropsFiles):
         layout.addWidget(self.table, 1)
         layout.addLayout(buttons)
 
-    def _add_row(self, first: str, second: str) -> None:
+    def _add_row(self, first: str, second: str, voxel_size_um=None) -> None:
         r = self.table.rowCount()
         self.table.insertRow(r)
         self.table.setItem(r, 0, QTableWidgetItem(first))
         self.table.setItem(r, 1, QTableWidgetItem(second))
+        self.table.setItem(r, 2, QTableWidgetItem(vec3_text(voxel_size_um)))
         self.changed.emit()
 
-    def add_pair(self, raw: str, labels: str) -> None:
-        self._add_row(str(raw), str(labels))
+    def add_pair(self, raw: str, labels: str, voxel_size_um=None) -> None:
+        self._add_row(str(raw), str(labels), voxel_size_um)
 
-    def add_preprocessed(self, h5: str) -> None:
-        self._add_row(str(h5), PREPROCESSED)
+    def add_preprocessed(self, h5: str, voxel_size_um=None) -> None:
+        self._add_row(str(h5), PREPROCESSED, voxel_size_um)
 
     def add_files(self, paths) -> List[str]:
         """Pair dropped files; returns those that could not be paired (said in a tooltip)."""
@@ -241,25 +251,37 @@ class DataTable(_DropsFiles):
         self.setToolTip(("Not paired: " + ", ".join(Path(p).name for p in unpaired)) if unpaired else "")
         return unpaired
 
-    def rows(self) -> List[Tuple[str, str]]:
+    def _cells(self) -> List[Tuple[str, str, str]]:
+        """Each row's three cells, stripped; rows without a first cell left out."""
         out = []
         for r in range(self.table.rowCount()):
-            a, b = self.table.item(r, 0), self.table.item(r, 1)
-            out.append(((a.text() if a else "").strip(), (b.text() if b else "").strip()))
-        return [(a, b) for a, b in out if a]
+            items = [self.table.item(r, c) for c in range(3)]
+            out.append(tuple((i.text() if i else "").strip() for i in items))
+        return [row for row in out if row[0]]
+
+    def rows(self) -> List[Tuple[str, str]]:
+        """(raw stack or preprocessed file, label stack) per row."""
+        return [(a, b) for a, b, _ in self._cells()]
 
     def sources(self) -> List[dict]:
-        """Rows as DataSource mappings: {"h5": ...} or {"raw": ..., "labels": ...}."""
-        return [{"h5": a} if b == PREPROCESSED else {"raw": a, "labels": b or None}
-                for a, b in self.rows()]
+        """Rows as DataSource mappings: {"h5": ...} or {"raw": ..., "labels": ...}, with
+        "voxel_size_um" where the row gives one (as typed; the config checks it)."""
+        out = []
+        for a, b, vs in self._cells():
+            src = {"h5": a} if b == PREPROCESSED else {"raw": a, "labels": b or None}
+            if vs:
+                src["voxel_size_um"] = vs
+            out.append(src)
+        return out
 
     def set_sources(self, sources) -> None:
+        """Show DataSource entries, each with its own voxel size if it has one."""
         self.table.setRowCount(0)
         for s in sources:
             if s.h5 is not None:
-                self.add_preprocessed(s.h5)
+                self.add_preprocessed(s.h5, s.voxel_size_um)
             else:
-                self.add_pair(s.raw, s.labels)
+                self.add_pair(s.raw, s.labels, s.voxel_size_um)
 
     def remove_selected(self) -> None:
         for r in sorted({i.row() for i in self.table.selectedIndexes()}, reverse=True):

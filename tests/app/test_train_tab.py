@@ -147,14 +147,16 @@ def test_stacks_without_voxel_size_train_at_the_one_typed_in(qtbot, stacks):
         for path, name in ((r, "raw"), (l, "labels")):
             np.save(d / f"bare_{i}_{name}.npy", read_volume(path).data)
         bare.append((str(d / f"bare_{i}_raw.npy"), str(d / f"bare_{i}_labels.npy")))
-    cases = (("", "", None, None), ("0.5, 0.2, 0.2", "", [0.5, 0.2, 0.2], None),
-             ("", "1, 0.3, 0.3", [1.0, 0.45, 0.45], [1.0, 0.3, 0.3]))
-    for typed, stacks_typed, expected, expected_stacks in cases:
+    cases = (("", "", "", None, None), ("0.5, 0.2, 0.2", "", "", [0.5, 0.2, 0.2], None),
+             ("", "1, 0.3, 0.3", "", [1.0, 0.45, 0.45], [1.0, 0.3, 0.3]),
+             ("", "", "1, 0.3, 0.3", [1.0, 0.45, 0.45], [1.0, 0.3, 0.3]))
+    for typed, stacks_typed, row_typed, expected, expected_stacks in cases:
         tab = TrainTab()
         qtbot.addWidget(tab)
         for r, l in bare:
             tab.train_data.add_pair(r, l)
-        out = d / f"bare_{bool(typed)}_{bool(stacks_typed)}.pt"
+            tab.train_data.table.item(tab.train_data.table.rowCount() - 1, 2).setText(row_typed)
+        out = d / f"bare_{bool(typed)}_{bool(stacks_typed)}_{bool(row_typed)}.pt"
         tab.out.setText(str(out))
         tab.epochs.setValue(1)
         tab.iterations.setValue(2)
@@ -172,7 +174,32 @@ def test_stacks_without_voxel_size_train_at_the_one_typed_in(qtbot, stacks):
             assert summary["voxel_size_um"] == pytest.approx(expected)
         assert summary["stack_voxel_size_um"] == expected_stacks
         warned = "no training stack records a voxel size" in tab.panel.log.toPlainText()
-        assert warned == (not typed and not stacks_typed)
+        assert warned == (not typed and not stacks_typed and not row_typed)
+
+
+def test_each_stacks_own_voxel_size_survives_the_tab(qtbot, tmp_path):
+    """A config that gives one stack its own voxel size shows it in that stack's row and
+    runs with it; a wrong one typed there is refused with the row's key named."""
+    from core.config import ConfigError, save_yaml
+    from core.train import DataSource, TrainConfig, load_train_config
+
+    cfg = TrainConfig()
+    cfg.data.train = [DataSource(raw="a.tif", labels="a_labels.tif", voxel_size_um=(2.0, 0.5, 0.5)),
+                      DataSource(raw="b.tif", labels="b_labels.tif")]
+    cfg.data.val = [DataSource(h5="c_preprocessed.h5", voxel_size_um=(1.0, 0.25, 0.25))]
+    save_yaml(tmp_path / "t.yaml", cfg)
+    tab = TrainTab()
+    qtbot.addWidget(tab)
+    tab.set_config(load_train_config(tmp_path / "t.yaml"))
+    assert tab.train_data.table.item(0, 2).text() == "2, 0.5, 0.5"
+    assert tab.train_data.table.item(1, 2).text() == ""
+    got = tab.config()
+    assert [s.voxel_size_um for s in got.data.train] == [(2.0, 0.5, 0.5), None]
+    assert Path(got.data.val[0].h5).name == "c_preprocessed.h5"
+    assert got.data.val[0].voxel_size_um == (1.0, 0.25, 0.25)
+    tab.train_data.table.item(1, 2).setText("1, 0.3")
+    with pytest.raises(ConfigError, match=r"data\.train\[1\]\.voxel_size_um"):
+        tab.config()
 
 
 def test_seeds_and_merging_chosen_again_on_the_validation_data_without_training(qtbot, stacks):
