@@ -719,7 +719,7 @@ def _new_model_grid(run: _Run, sources: Sequence[DataSource], device: torch.devi
     run.say(f"training grid {fmt_voxel(grid)}: Y and X {factor:.3g}x coarser than the stacks' "
             f"{fmt_voxel(sizes[0])}, much finer than their Z step: {factor ** 2:.3g}x fewer "
             "voxels, so more training per CPU minute (cells are still found on each stack's "
-            "own grid). Give data.target_voxel_size_um (--voxel-size) to train on another "
+            "own grid). Give data.target_voxel_size_um (--training-voxel-size) to train on another "
             "grid.", stage="load")
     return grid, sizes[0]
 

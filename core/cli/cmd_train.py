@@ -62,11 +62,13 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (default 0.005)")
     p.add_argument("--augment", choices=["off", "flips", "light", "default", "strong"],
                    help="augmentation strength (default: default)")
-    p.add_argument("--voxel-size", type=voxel_size, metavar="Z,Y,X",
-                   help="training voxel size in um; stacks are resampled to it "
+    p.add_argument("--training-voxel-size", "--voxel-size", dest="voxel_size", type=voxel_size,
+                   metavar="Z,Y,X",
+                   help="the grid the model trains on, in um; stacks are resampled to it "
                         "(default: the first training stack's; on a CPU with Y and X up to "
                         "1.5x coarser where they are over 2.2x finer than Z; a fine-tuned "
-                        "model keeps its own)")
+                        "model keeps its own). Not the microscope's voxel size: that is "
+                        "--stack-voxel-size. --voxel-size is its old name")
     p.add_argument("--stack-voxel-size", type=voxel_size, metavar="Z,Y,X",
                    help="voxel size in um of the training and validation stacks whose files "
                         "record none (most .mat files, .npy)")

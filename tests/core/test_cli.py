@@ -63,3 +63,18 @@ def test_ci_runs_the_readme_test_command():
                 and not line.strip().startswith("#")]
     assert len(commands) >= 2, "README must open with the demo and the test command"
     assert commands[1] in ci
+
+
+def test_train_names_its_two_voxel_sizes_apart():
+    """`episeg train --training-voxel-size` is the model's grid and `--stack-voxel-size`
+    the microscope's; the grid's old name `--voxel-size` still works."""
+    from core.cli.cmd_train import build_config
+
+    parser = build_parser()
+    base = ["train", "--pair", "a.tif", "a_labels.tif", "--out", "m.pt"]
+    new = build_config(parser.parse_args(base + ["--training-voxel-size", "1,0.45,0.45",
+                                                 "--stack-voxel-size", "1,0.3,0.3"]))
+    old = build_config(parser.parse_args(base + ["--voxel-size", "1,0.45,0.45"]))
+    assert new.data.target_voxel_size_um == old.data.target_voxel_size_um == (1.0, 0.45, 0.45)
+    assert new.data.stack_voxel_size_um == (1.0, 0.3, 0.3)
+    assert old.data.stack_voxel_size_um is None

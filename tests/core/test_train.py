@@ -263,7 +263,7 @@ def test_on_a_cpu_a_new_model_trains_on_a_coarser_yx_grid_where_stacks_are_far_f
     assert info.voxel_size_um == pytest.approx((1.0, 0.45, 0.45))
     # a stack from the same microscope that records no voxel size is taken to have theirs
     assert info.assumed_voxel_size_um == pytest.approx(fine)
-    assert any("training grid" in (e.message or "") and "--voxel-size" in (e.message or "")
+    assert any("training grid" in (e.message or "") and "--training-voxel-size" in (e.message or "")
                for e in events)
     # a grid the user gives wins
     chosen = replace(cfg, data=replace(cfg.data, target_voxel_size_um=fine))
