@@ -1009,7 +1009,11 @@ def medium_params(params: SynthParams, seed: int, index: int,
     drawn uniformly from ``brightness`` (relative intensities, as ``background`` and
     ``lumen``; the cytoplasm is 0.08-0.2 in the presets). Drawn from their own stream, so
     the stack's geometry, cells and noise do not change."""
-    lo, hi = (float(v) for v in brightness)
+    try:
+        lo, hi = (float(v) for v in brightness)
+    except (TypeError, ValueError):
+        raise ConfigError(f"medium brightness range {brightness!r}: give two numbers, "
+                          "low and high, e.g. 0.02,0.3.") from None
     if not 0.0 <= lo <= hi:
         raise ConfigError(f"medium brightness range {brightness!r}: give 0 <= low <= high.")
     rng = np.random.default_rng([int(seed), int(index), 1])
@@ -1048,6 +1052,8 @@ def write_synthetic_dataset(out_dir: Union[str, Path], n: int, shape: Optional[S
     if shape is not None:
         params = replace(params, shape=tuple(shape))
     params.validate()
+    if medium_brightness is not None:
+        medium_params(params, seed, first, medium_brightness)  # a bad range fails before any write
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VolumeWriteError(f"{out} exists and is not a folder; choose another output folder.")

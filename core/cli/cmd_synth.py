@@ -113,6 +113,15 @@ def register(subparsers) -> None:
     parser.add_argument("--scutoid", type=float, metavar="S",
                         help=f"seed drift between apical and basal side as a fraction of the cell "
                              f"size; more means more neighbour changes (medium {d.scutoid_strength:g})")
+    parser.add_argument("--medium", metavar="LOW,HIGH",
+                        help=f"draw each stack's medium (around the tissue) and lumen brightness "
+                             f"from LOW-HIGH, relative to a bright membrane (default: both dark, "
+                             f"{d.background:g} and {d.lumen:g}; the cytoplasm is 0.08-0.2). "
+                             "Training on 0.02,0.3 teaches a network that a bright medium is "
+                             "not tissue; cells, geometry and noise stay the same")
+    parser.add_argument("--first", type=int, default=0, metavar="I",
+                        help="index of the first stack (default 0); stack I is the same as in "
+                             "a set written from 0, so a set can be written in parts")
     parser.add_argument("--prefix", default="synth", metavar="NAME",
                         help="file name prefix (default synth: synth_000_raw.tif, ...)")
     parser.add_argument("--preview", action="store_true",
@@ -173,11 +182,15 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}.")
     params = params_from_args(args)
+    medium = None
+    if args.medium is not None:
+        medium = tuple(_numbers(args.medium, "--medium", (2,), "0.02,0.3"))
     progress = TerminalProgress(quiet=args.quiet)
     try:
         pairs = write_synthetic_dataset(
             args.out_dir, args.n, seed=args.seed, params=params, prefix=args.prefix,
-            preview=args.preview, overwrite=args.overwrite, progress=progress,
+            preview=args.preview, overwrite=args.overwrite, first=args.first,
+            medium_brightness=medium, progress=progress,
         )
     finally:
         progress.close()

@@ -258,7 +258,7 @@ def test_dataset_files_hold_the_stacks_and_the_voxel_size(tmp_path):
         write_synthetic_dataset(tmp_path, 1, seed=4, params=params)
 
 
-def test_a_set_written_in_parts_and_a_brighter_medium(tmp_path):
+def test_a_set_written_in_parts_and_a_brighter_medium(tmp_path, capsys):
     params = SynthParams(shape=(12, 40, 40))
     whole = write_synthetic_dataset(tmp_path / "whole", 3, seed=4, params=params)
     part = write_synthetic_dataset(tmp_path / "part", 1, seed=4, params=params, first=2)
@@ -277,6 +277,17 @@ def test_a_set_written_in_parts_and_a_brighter_medium(tmp_path):
     assert 0.25 <= drawn.background <= 0.3 and 0.25 <= drawn.lumen <= 0.3
     with pytest.raises(ConfigError, match="medium brightness"):
         medium_params(params, 4, 2, (0.3, 0.1))
+    # the command line writes the same stack; a reversed range is refused before any write
+    assert main(["synth", str(tmp_path / "cli"), "--shape", "12,40,40", "--seed", "4",
+                 "--first", "2", "--medium", "0.25,0.3", "--quiet"]) == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "cli" / "synth_002_raw.tif").data, bright)
+    capsys.readouterr()
+    assert main(["synth", str(tmp_path / "never"), "--shape", "12,40,40", "--medium", "0.3,0.1",
+                 "--quiet"]) == 2
+    assert "medium brightness range (0.3, 0.1)" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert main(["synth", str(tmp_path / "never"), "--medium", "0.3", "--quiet"]) == 2
+    assert "--medium expects 2" in capsys.readouterr().err
 
 
 def test_preview_shows_xy_slices_and_sections(tmp_path, stack):
