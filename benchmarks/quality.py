@@ -213,6 +213,12 @@ def _tubes(text: str) -> List[Optional[float]]:
     return [None if v.strip() == "fit" else float(v) for v in text.split(",")]
 
 
+def _medium(text: str) -> Tuple[float, float]:
+    """--train-medium: LOW,HIGH relative brightness of the training stacks' media."""
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
 def _shape(text: str) -> Tuple[int, int, int]:
     return tuple(int(v) for v in text.split(","))  # type: ignore[return-value]
 
@@ -260,6 +266,7 @@ def make_data(args, out: Path) -> Dict[str, Any]:
     train_pairs = []
     sizes = args.train_cells_around or [args.cells_around]
     tubes = args.train_tubes or [None]
+    medium = getattr(args, "train_medium", None)  # training stacks' media (validation: dark)
     for i in range(args.n_train + 1):  # difficulty levels, cell and tube sizes take turns
         level = args.train_difficulties[i % len(args.train_difficulties)]
         around = sizes[i % len(sizes)] if i < args.n_train else args.cells_around
@@ -269,8 +276,12 @@ def make_data(args, out: Path) -> Dict[str, Any]:
         if tube is not None:
             over.update(tube_outer_radius_um=tube, cell_diameter_um=TUBE_CELL_UM)
             tag += f"_r{tube:g}"
+        lit = medium if i < args.n_train else None
+        if lit is not None:
+            tag += f"_m{lit[0]:g}-{lit[1]:g}"
         train_pairs += _synth(data / "train", f"train{i}_{level}{tag}", args.train_seed + i,
-                              SynthParams.for_difficulty(level, **over), args.shape)
+                              SynthParams.for_difficulty(level, **over), args.shape,
+                              medium_brightness=lit)
     tests = test_stacks(data / "test", args.test_seed, args.levels, args.n_test,
                         args.cells_around, args.shape)
     small = _synth(data / "train", "val_small", args.train_seed + 50,
@@ -328,12 +339,13 @@ def _params(over: Dict[str, Any]) -> SynthParams:
     return SynthParams.for_difficulty(over.pop("difficulty", "medium"), **over)
 
 
-def _synth(folder: Path, prefix: str, seed: int, params: SynthParams, shape) -> List[Tuple[Path, Path]]:
+def _synth(folder: Path, prefix: str, seed: int, params: SynthParams, shape,
+           medium_brightness=None) -> List[Tuple[Path, Path]]:
     r, l = folder / f"{prefix}_000_raw.tif", folder / f"{prefix}_000_labels.tif"
     if r.exists() and l.exists():
         return [(r, l)]
     return write_synthetic_dataset(folder, 1, shape, seed=seed, params=params, prefix=prefix,
-                                   overwrite=True)
+                                   overwrite=True, medium_brightness=medium_brightness)
 
 
 def repair_lone_slices(labels: np.ndarray) -> Tuple[np.ndarray, List[int]]:
@@ -630,6 +642,10 @@ def main(argv=None) -> int:
                          f"with {TUBE_CELL_UM:g} um cells. Default: fit for all.")
     ap.add_argument("--train-difficulties", type=lambda s: s.split(","), default=["medium", "hard"],
                     help="difficulty levels the training stacks take in turn")
+    ap.add_argument("--train-medium", type=_medium, default=None, metavar="LOW,HIGH",
+                    help="each training stack's medium and lumen brightness drawn from LOW-HIGH "
+                         "(core.synth.medium_params; e.g. 0.02,0.3 as episeg demo); default: "
+                         "dark, as the validation and test stacks")
     ap.add_argument("--train-seed", type=int, default=100)
     ap.add_argument("--test-seed", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0, help="training seed")
@@ -646,6 +662,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     args.data_tag = ("_mixed" + "-".join(f"{v:g}" for v in args.train_cells_around)
                      if args.train_cells_around else "")
+    if args.train_medium:
+        args.data_tag += "_media{:g}-{:g}".format(*args.train_medium)
     if args.train_tubes:
         args.data_tag += "_tubes" + "-".join("fit" if r is None else f"{r:g}"
                                              for r in args.train_tubes)

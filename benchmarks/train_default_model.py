@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--iterations-per-epoch", type=int, default=70)
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--medium", type=quality._medium, default=None, metavar="LOW,HIGH",
+                    help="the training stacks' media and lumens drawn from LOW-HIGH (relative "
+                         "brightness, e.g. 0.02,0.3); default: dark, as the validation stack")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="score the model already in --work (no training)")
     return ap.parse_args(argv)
@@ -70,7 +73,7 @@ def data_args(args: argparse.Namespace) -> SimpleNamespace:
     """The settings quality.make_data expects: its held-out test stacks, more training stacks."""
     return SimpleNamespace(n_train=args.n_train, train_difficulties=["medium", "hard"],
                            train_cells_around=None, train_tubes=None, cells_around=11.0,
-                           train_seed=100,
+                           train_seed=100, train_medium=args.medium,
                            shape=(64, 256, 256), levels=list(quality.TEST_LEVELS), n_test=2,
                            test_seed=900)
 
@@ -101,6 +104,15 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _media(facts: Dict[str, Any]) -> str:
+    """The training data's media in the card's words ("" for the usual dark ones)."""
+    medium = facts.get("medium")
+    if not medium:
+        return ""
+    return (f", each stack's medium and lumen from {medium[0]:g} to {medium[1]:g} of a bright "
+            "membrane's brightness (darker to brighter than the cells)")
+
+
 def model_card(facts: Dict[str, Any], scores: Dict[str, Any], command: str) -> str:
     m = scores["mean"]
     table = quality.markdown({"default.pt": scores}, "Held-out synthetic stacks")
@@ -121,7 +133,7 @@ seeds (reproducible up to the CPU's floating-point order):
 | network | 3D U-Net, {facts['levels']} levels, {facts['base_features']} features in the first ({facts['parameters']:,} weights); outputs {', '.join(facts['channels'])} |
 | voxel size it was trained at | {' x '.join(f'{v:g}' for v in facts['voxel_size_um'])} um (Z, Y, X); other stacks are resampled to it |
 | normalisation | {facts['normalisation']} per stack |
-| training data | {facts['n_train']} synthetic epithelium stacks (`core.synth`), 64 x 256 x 256 voxels, ~60 cells each, medium and hard optics taking turns (seeds 100-{99 + facts['n_train']}); validation: seed {100 + facts['n_train']} |
+| training data | {facts['n_train']} synthetic epithelium stacks (`core.synth`), 64 x 256 x 256 voxels, ~60 cells each, medium and hard optics taking turns (seeds 100-{99 + facts['n_train']}){_media(facts)}; validation: seed {100 + facts['n_train']} |
 | training | `episeg train` defaults, {facts['epochs']} epochs x {facts['iterations_per_epoch']} iterations, patch {' x '.join(map(str, facts['patch']))}, best epoch {facts['best_epoch']} by validation loss ({facts['best_valid_loss']:.3f}; validation AP50 {facts['best_valid_ap50']:.3f}), {facts['train_minutes']:.0f} min on {facts['machine']} |
 | software | EpiSeg {facts['episeg_version']}, PyTorch {facts['torch']} |
 
@@ -178,7 +190,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     command = ("python benchmarks/train_default_model.py"
                f" --n-train {args.n_train} --epochs {args.epochs}"
-               f" --iterations-per-epoch {args.iterations_per_epoch} --seed {args.seed}")
+               f" --iterations-per-epoch {args.iterations_per_epoch} --seed {args.seed}"
+               + (" --medium {:g},{:g}".format(*args.medium) if args.medium else ""))
     print(f"1/4 data in {work / 'data'}", flush=True)
     data = quality.make_data(data_args(args), work)
     model_path = work / "default.pt"
@@ -194,6 +207,7 @@ def main(argv=None) -> int:
                  "best_valid_ap50": float(best.get("ap50", np.nan)),
                  "patch": list(result.patch_size), "train_minutes": (time.monotonic() - t0) / 60,
                  "iterations_per_epoch": args.iterations_per_epoch, "n_train": args.n_train,
+                 "medium": list(args.medium) if args.medium else None,
                  "machine": (f"a {os.cpu_count()}-core {platform.machine()} CPU"
                              if result.device == "cpu" else result.device)}
         facts_path.write_text(json.dumps(facts, indent=2, default=float))

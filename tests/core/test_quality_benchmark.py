@@ -207,6 +207,32 @@ def test_training_stacks_can_take_tube_sizes_in_turn(quality, tmp_path):
     assert all("_r6" not in r.name for _, r, _ in data["tests"])
 
 
+def test_training_stacks_can_take_brighter_media(quality, tmp_path):
+    """--train-medium brightens the training stacks' media; their cells stay, and the
+    validation and test stacks keep the dark medium they are scored on."""
+    from types import SimpleNamespace
+
+    from core.io import read_labels, read_volume
+
+    assert quality._medium("0.02,0.3") == (0.02, 0.3)
+    base = dict(n_train=1, train_difficulties=["medium"], train_cells_around=None,
+                cells_around=11.0, train_tubes=None, train_seed=100, shape=(32, 96, 96),
+                levels=["medium"], n_test=1, test_seed=900)
+    dark = quality.make_data(SimpleNamespace(**base), tmp_path / "dark")
+    lit = quality.make_data(SimpleNamespace(**base, train_medium=(0.25, 0.3)), tmp_path / "lit")
+    (dark_raw, dark_lab), = dark["train"]
+    (lit_raw, lit_lab), = lit["train"]
+    assert lit_raw.name == "train0_medium_m0.25-0.3_000_raw.tif"
+    labels = read_labels(lit_lab).data
+    np.testing.assert_array_equal(labels, read_labels(dark_lab).data)
+    outside = labels == 0
+    assert (np.median(read_volume(lit_raw).data[outside])
+            > np.median(read_volume(dark_raw).data[outside]) + 100)
+    assert lit["val"][0].name == dark["val"][0].name == "train1_medium_000_raw.tif"
+    np.testing.assert_array_equal(read_volume(lit["tests"][0][1]).data,
+                                  read_volume(dark["tests"][0][1]).data)
+
+
 def test_the_table_says_how_many_wrong_cells_the_first_rows_of_the_flags_hold(quality):
     from tests.core.test_flags import grid_tissue, merged_and_split
     from tests.core.test_segment import probabilities_from
