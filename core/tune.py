@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class TuneResult:
 
 def tune_model(
     model_path: PathLike,
-    pairs: Sequence[Tuple[str, str]],
+    pairs: Sequence[Sequence[Any]],
     out_path: PathLike,
     *,
     config: Optional[PredictConfig] = None,
@@ -59,7 +59,9 @@ def tune_model(
     cancel: CancelFlag = None,
 ) -> TuneResult:
     """Choose ``model_path``'s post-processing on ``pairs`` of (raw, labels)
-    file specs and write the model with that choice to ``out_path``.
+    file specs and write the model with that choice to ``out_path``. A pair may
+    carry a third item, the stack's voxel size (z, y, x) um, which replaces the
+    one its file records (None: the file's).
 
     ``config`` gives how the network runs (device, tiles, TTA), the voxel size
     of stacks whose files record none, and the settings the search starts from
@@ -91,10 +93,12 @@ def tune_model(
     model = build_from_model_dict(data, which="best", where=str(model_path)).to(device).eval()
     rep = ProgressReporter(progress, "tune")
     cases: List[ValidationCase] = []
-    for i, (raw_spec, labels_spec) in enumerate(pairs):
+    for i, (raw_spec, labels_spec, *own) in enumerate(pairs):
         check_cancelled(cancel, "Tuning")
         rep.message(f"predicting annotated stack {i + 1} of {len(pairs)}: {raw_spec}")
         raw, labels = read_volume(raw_spec), read_labels(labels_spec)
+        if own and own[0] is not None:
+            raw.voxel_size = tuple(float(v) for v in own[0])
         if raw.shape != labels.shape:
             raise VolumeDataError(f"{labels_spec}: labels of shape {labels.shape} do not fit "
                                   f"the raw stack {raw_spec} of shape {raw.shape}; give each "
@@ -115,9 +119,9 @@ def tune_model(
     choice = choose_segment_params(cases, config.segment, progress=progress, cancel=cancel)
     previous = dict(data.get("segment") or {})
     data["segment"] = dict(choice.chosen)
-    data["segment_choice"] = {**choice.to_dict(), "tuned_on": [str(r) for r, _ in pairs]}
+    data["segment_choice"] = {**choice.to_dict(), "tuned_on": [str(p[0]) for p in pairs]}
     save_model_file(out_path, data)
     result = TuneResult(choice=choice, out=out_path, previous=previous,
-                        stacks=[str(r) for r, _ in pairs])
+                        stacks=[str(p[0]) for p in pairs])
     rep.message(result.summary())
     return result

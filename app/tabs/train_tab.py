@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pyqtgraph as pg
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout,
@@ -234,11 +234,26 @@ class TrainTab(QWidget):
                 out.append(f"{raw}: tuning needs the raw stack and its label stack.")
         return out
 
+    def tune_inputs(self) -> Tuple[List[tuple], PredictConfig]:
+        """(raw, labels, own voxel size or None) per validation row, and the run's
+        config with the tab's "Stacks' voxel size" (ConfigError names the field)."""
+        cfg = apply_overrides(TrainConfig(), {
+            "data.val": self.val_data.sources(),
+            "data.stack_voxel_size_um": self.stack_voxel_size.text().strip() or None,
+        }, where="Train tab")
+        pairs = [(s.raw, s.labels, s.voxel_size_um) for s in cfg.data.val]
+        return pairs, PredictConfig(device=self.device,
+                                    input_voxel_size_um=cfg.data.stack_voxel_size_um)
+
     def tune(self) -> None:
         """Choose the seeds and merging of the model in 'Save model as' on the
         validation data, without training; the copy goes beside it."""
-        if self.panel.is_running() or self.panel.refuse(self.tune_problems()):
+        if self.panel.is_running():
             return
+        inputs = self.panel.config_or_refuse(self.tune_problems(), self.tune_inputs)
+        if inputs is None:
+            return
+        pairs, config = inputs
         model = Path(self.out.text())
         out = model.with_name(f"{model.stem}_tuned.pt")
         n = 2
@@ -247,8 +262,7 @@ class TrainTab(QWidget):
             n += 1
         self.panel.append_log(f"choosing the seeds and merging of {model} on "
                               f"{len(self.val_data.rows())} annotated stack(s); writing {out}")
-        self.panel.start(tune_model, model_path=model, pairs=self.val_data.rows(), out_path=out,
-                         config=PredictConfig(device=self.device))
+        self.panel.start(tune_model, model_path=model, pairs=pairs, out_path=out, config=config)
         self.tune_button.setEnabled(False)
 
     def on_progress(self, event: ProgressEvent) -> None:

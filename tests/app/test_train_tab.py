@@ -200,6 +200,12 @@ def test_each_stacks_own_voxel_size_survives_the_tab(qtbot, tmp_path):
     tab.train_data.table.item(1, 2).setText("1, 0.3")
     with pytest.raises(ConfigError, match=r"data\.train\[1\]\.voxel_size_um"):
         tab.config()
+    # choosing seeds and merging again measures each validation stack in its own size,
+    # and stacks whose files record none in the tab's "Stacks' voxel size"
+    tab.stack_voxel_size.setText("1, 0.3, 0.3")
+    pairs, config = tab.tune_inputs()
+    assert [p[2] for p in pairs] == [(1.0, 0.25, 0.25)]
+    assert config.input_voxel_size_um == (1.0, 0.3, 0.3)
 
 
 def test_seeds_and_merging_chosen_again_on_the_validation_data_without_training(qtbot, stacks):

@@ -92,6 +92,28 @@ def test_clear_walls_write_a_copy_with_the_shipped_settings(tmp_path, model_file
                for e in events)
 
 
+def test_a_stack_given_its_own_voxel_size_is_measured_in_it(tmp_path, model_file, monkeypatch):
+    """A third item in a pair is the stack's voxel size: the seeds and merging are then
+    tried with lengths in that size (as episeg predict would measure them), not the file's."""
+    import core.tune
+
+    seen = []
+    real = core.tune.choose_segment_params
+
+    def spy(cases, *args, **kwargs):
+        seen.extend(tuple(c.voxel_size_um) for c in cases)
+        return real(cases, *args, **kwargs)
+
+    monkeypatch.setattr(core.tune, "choose_segment_params", spy)
+    gt = box_cells()
+    probs = probabilities(gt, wall_cell=0.02, wall_boundary=0.98)
+    raw, lab = write_pair(tmp_path, gt)
+    tune_model(model_file, [(raw, lab, (2.0, 0.5, 0.5)), (raw, lab, None)], tmp_path / "t.pt",
+               network=fake_network(probs))
+    assert seen == [(2.0, 0.5, 0.5), VOXEL]
+    assert read_model_summary(tmp_path / "t.pt")["segment_choice"]["tuned_on"] == [raw, raw]
+
+
 def test_mistakes_are_refused_with_the_file_named(tmp_path, model_file):
     gt = box_cells()
     raw, lab = write_pair(tmp_path, gt)
