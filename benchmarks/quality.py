@@ -200,6 +200,9 @@ STRESS_CONDITIONS: Dict[str, Dict[str, Any]] = {
     # a tube thinner than the stack is deep: its lumen 10-15 um wide, about one cell
     "narrow lumen": {"shape": (64, 256, 256), "tube_outer_radius_um": 14.0,
                      "cell_diameter_um": 13.0},
+    # medium and lumen brighter than the cytoplasm (0.08-0.2), as around the demo's
+    # C. elegans embryo; appended, so the others keep their seeds
+    "bright medium": {"shape": (64, 256, 256), "background": 0.2, "lumen": 0.2},
 }
 
 

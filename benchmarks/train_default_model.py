@@ -49,6 +49,8 @@ from core.train import TrainConfig, train  # noqa: E402
 
 REPO = quality.REPO
 CELEGANS = REPO / "resources" / "samples" / "celegans_membrane_raw.tif"
+#: quality.py's stress seeds whose "bright medium" stacks the card reports
+BRIGHT_SEEDS = (5000, 6000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--medium", type=quality._medium, default=None, metavar="LOW,HIGH",
                     help="the training stacks' media and lumens drawn from LOW-HIGH (relative "
                          "brightness, e.g. 0.02,0.3); default: dark, as the validation stack")
+    ap.add_argument("--voxel-size", type=lambda s: tuple(float(v) for v in s.split(",")),
+                    default=None, metavar="Z,Y,X",
+                    help="the grid the model trains on, in um (episeg train "
+                         "--training-voxel-size); default: episeg train's choice")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="score the model already in --work (no training)")
     return ap.parse_args(argv)
@@ -86,6 +92,8 @@ def train_model(data: Dict[str, Any], model_path: Path, args: argparse.Namespace
         "epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch,
         "seed": args.seed,
     }, where="default model")
+    if args.voxel_size is not None:
+        cfg.data.target_voxel_size_um = tuple(args.voxel_size)
     return train(cfg, model_path)
 
 
@@ -102,6 +110,40 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _stacks_grid(facts: Dict[str, Any]) -> str:
+    """Why a stack that records no voxel size is not taken to have the model's grid."""
+    stacks = facts.get("stack_voxel_size_um")
+    if not stacks or np.allclose(stacks, facts["voxel_size_um"]):
+        return ""
+    return " (that of its training stacks; it trained on a coarser grid)"
+
+
+def _bright_text(scores: Dict[str, Any]) -> str:
+    """The card's lines on stacks with a bright medium ("" when not scored)."""
+    bright = scores.get("bright")
+    if not bright:
+        return ""
+    m = bright["mean"]
+    return (f"Stacks whose medium and lumen are brighter than the cells' cytoplasm "
+            f"(`quality.py`'s stress condition \"bright medium\", seeds "
+            f"{', '.join(str(s) for s in bright['seeds'])}): AP50 {m['ap50']:.3f}, ARE "
+            f"{m['adapted_rand_error']:.3f}, wrongCells {m['wrong_cells_share']:.1%}, cell IoU "
+            f"{m['cell_iou']:.3f}.\n\n")
+
+
+def _background_limit(facts: Dict[str, Any]) -> str:
+    """The card's limit on the medium around the tissue, as the model was trained."""
+    if facts.get("medium"):
+        return ("* The medium around the tissue and the lumen ranged from darker to brighter "
+                "than the cells in training, but was always smooth: a textured or "
+                "structured background (debris, other tissue) was never shown.\n")
+    return ("* Background outside the tissue was dark and smooth in training. Where the "
+            "medium is brighter than the cells' cytoplasm (the C. elegans stack) the "
+            "network can take it for tissue; `episeg predict` makes a segment that touches "
+            "every cell on the surface background, but the faintest cells can merge into "
+            "it. Fine-tune on a few of your own stacks before trusting it on such data.\n")
 
 
 def _media(facts: Dict[str, Any]) -> str:
@@ -131,8 +173,9 @@ seeds (reproducible up to the CPU's floating-point order):
 | --- | --- |
 | file | `default.pt`, {facts['size_mb']:.1f} MB, sha256 `{facts['sha256'][:16]}...` |
 | network | 3D U-Net, {facts['levels']} levels, {facts['base_features']} features in the first ({facts['parameters']:,} weights); outputs {', '.join(facts['channels'])} |
-| voxel size it was trained at | {' x '.join(f'{v:g}' for v in facts['voxel_size_um'])} um (Z, Y, X); other stacks are resampled to it |
+| voxel size it was trained at | {' x '.join(f'{v:g}' for v in facts['voxel_size_um'])} um (Z, Y, X); other stacks are resampled to it and back. A stack whose file records none (most .mat files) is taken to have {' x '.join(f'{v:g}' for v in facts.get('stack_voxel_size_um') or facts['voxel_size_um'])} um{_stacks_grid(facts)}: give yours in the Predict tab's Voxel size or with `--voxel-size` |
 | normalisation | {facts['normalisation']} per stack |
+| post-processing | the shipped seeds and merging (`core.segment.SegmentParams`): the shipped settings were chosen on stacks like its training ones. A model fine-tuned from it with `episeg train` tries others on its own validation labels and keeps them where they score clearly higher (docs/accuracy.md step 23); `episeg tune` (or the Train tab's "Choose seeds and merging again") does the same for any model on annotated stacks, without training (step 24) |
 | training data | {facts['n_train']} synthetic epithelium stacks (`core.synth`), 64 x 256 x 256 voxels, ~60 cells each, medium and hard optics taking turns (seeds 100-{99 + facts['n_train']}){_media(facts)}; validation: seed {100 + facts['n_train']} |
 | training | `episeg train` defaults, {facts['epochs']} epochs x {facts['iterations_per_epoch']} iterations, patch {' x '.join(map(str, facts['patch']))}, best epoch {facts['best_epoch']} by validation loss ({facts['best_valid_loss']:.3f}; validation AP50 {facts['best_valid_ap50']:.3f}), {facts['train_minutes']:.0f} min on {facts['machine']} |
 | software | EpiSeg {facts['episeg_version']}, PyTorch {facts['torch']} |
@@ -147,8 +190,9 @@ Mean: cell IoU {m['cell_iou']:.3f}, AP50 {m['ap50']:.3f}, adapted Rand error
 {m['adapted_rand_error']:.3f}, wrongCells {m['wrong_cells_share']:.1%} of the cells.
 
 {table}
-Real confocal stack without ground truth (C. elegans membranes,
-`resources/samples/celegans_membrane_raw.tif`): {scores['celegans_cells']} cells.
+{_bright_text(scores)}Real confocal stack without ground truth (C. elegans membranes,
+`resources/samples/celegans_membrane_raw.tif`, its medium brighter than the
+embryo's cytoplasm): {scores['celegans_cells']} cells.
 
 ## Intended use
 
@@ -165,14 +209,7 @@ fine-tune it on a few of your own annotated stacks (Train tab, "Fine-tune";
   (`sample_patch.h5`, plant tissue, unknown voxel size, cells ~40 voxels
   wide) was left out: its cells and optics are unlike an epithelium's, and
   mixing it in would teach the network a second cell scale.
-* Background outside the tissue was dark and smooth in training. On the
-  C. elegans stack (real, no voxel size recorded, so taken as the model's)
-  the network takes the noisy background around the embryo for one very
-  large "cell", which `episeg predict` now makes background (it touches
-  every cell on the embryo's surface), and the part of the embryo with
-  the faintest membranes can merge into it. Fine-tune on a few of your own
-  stacks before trusting it on such data.
-* Slivers of cells cut by the stack's faces (a few voxels thick) are mostly
+{_background_limit(facts)}* Slivers of cells cut by the stack's faces (a few voxels thick) are mostly
   missed or merged into their neighbour (docs/accuracy.md, "What limits it").
 * Every training tube had a lumen 27-36 um wide (cells 10-17 um). The network
   takes a lumen about one cell wide (10-15 um, a thin tube) for one large
@@ -191,7 +228,9 @@ def main(argv=None) -> int:
     command = ("python benchmarks/train_default_model.py"
                f" --n-train {args.n_train} --epochs {args.epochs}"
                f" --iterations-per-epoch {args.iterations_per_epoch} --seed {args.seed}"
-               + (" --medium {:g},{:g}".format(*args.medium) if args.medium else ""))
+               + (" --medium {:g},{:g}".format(*args.medium) if args.medium else "")
+               + (" --voxel-size {:g},{:g},{:g}".format(*args.voxel_size) if args.voxel_size
+                  else ""))
     print(f"1/4 data in {work / 'data'}", flush=True)
     data = quality.make_data(data_args(args), work)
     model_path = work / "default.pt"
@@ -217,8 +256,15 @@ def main(argv=None) -> int:
     cells_dir = work / "cells"
     cells_dir.mkdir(exist_ok=True)
     rows = quality.score_model(model_path, data["tests"], {}, False, cells_dir)
+    bright = [stack for seed in BRIGHT_SEEDS
+              for stack in quality.stress_stacks(work / "data" / f"stress{seed}", seed,
+                                                 ["bright medium"])]
+    bright_rows = quality.score_model(model_path, bright, {}, False, cells_dir)
     scores = {"rows": rows, "mean": quality.summarise(rows),
               "train_minutes": facts["train_minutes"],
+              "bright": {"seeds": [s + list(quality.STRESS_CONDITIONS).index("bright medium")
+                                   for s in BRIGHT_SEEDS],
+                         "rows": bright_rows, "mean": quality.summarise(bright_rows)},
               "celegans_cells": count_real_cells(model_path)}
     (work / "scores.json").write_text(json.dumps(scores, indent=2, default=float))
 
@@ -231,6 +277,8 @@ def main(argv=None) -> int:
         "levels": info.model_config.depth, "base_features": info.model_config.base_features,
         "parameters": sum(p.numel() for p in model.parameters()),
         "channels": list(info.channels), "voxel_size_um": list(info.voxel_size_um),
+        "stack_voxel_size_um": (list(info.stack_voxel_size_um)
+                                if info.stack_voxel_size_um is not None else None),
         "normalisation": info.normalisation.get("mode", "?"),
         "episeg_version": __version__, "torch": torch.__version__,
     })
@@ -240,8 +288,10 @@ def main(argv=None) -> int:
     with atomic_path(args.out / "default.md") as tmp:
         Path(tmp).write_text(model_card(facts, scores, command), encoding="utf-8")
     m = scores["mean"]
+    b = scores["bright"]["mean"]
     print(f"mean AP50 {m['ap50']:.3f}  ARE {m['adapted_rand_error']:.3f}  cell IoU "
-          f"{m['cell_iou']:.3f}  C. elegans cells {scores['celegans_cells']}")
+          f"{m['cell_iou']:.3f}  C. elegans cells {scores['celegans_cells']}; bright medium: "
+          f"AP50 {b['ap50']:.3f}  ARE {b['adapted_rand_error']:.3f}  cell IoU {b['cell_iou']:.3f}")
     return 0
 
 

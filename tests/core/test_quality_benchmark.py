@@ -251,3 +251,39 @@ def test_the_table_says_how_many_wrong_cells_the_first_rows_of_the_flags_hold(qu
     assert head.count("|") == rule.count("|") == first.count("|") == 15
     cell = first.split("|")[12].strip()
     assert cell == f"{row['flag_recall_top10pct']:.2f} / {row['flag_recall_top10pct_other']:.2f}"
+
+
+def test_the_default_models_card_says_what_it_was_trained_on():
+    """The bundled model's card is written by its training script: a grid coarser than
+    the training stacks', media from darker to brighter and the bright-medium figures
+    appear in it when the model has them, and not otherwise."""
+    spec = importlib.util.spec_from_file_location(
+        "train_default_model", REPO / "benchmarks" / "train_default_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    facts = {"size_mb": 7.1, "sha256": "ab" * 32, "levels": 4, "base_features": 8,
+             "parameters": 345590, "channels": ["cell", "boundary", "tissue"],
+             "voxel_size_um": [1.0, 0.45, 0.45], "stack_voxel_size_um": [1.0, 0.3, 0.3],
+             "normalisation": "zscore", "n_train": 8, "epochs": 30, "iterations_per_epoch": 70,
+             "patch": [36, 80, 80], "best_epoch": 30, "best_valid_loss": 0.28,
+             "best_valid_ap50": 0.9, "train_minutes": 7.0, "machine": "a 2-core CPU",
+             "episeg_version": "0.1.0", "torch": "2.13.0", "medium": [0.02, 0.3]}
+    row = {"stack": "medium 0", "cell_iou": 0.98, "ap50": 0.95, "f1_50": 0.97,
+           "adapted_rand_error": 0.05, "voi_split": 0.2, "voi_merge": 0.2, "wrong_cells": 1,
+           "wrong_cells_share": 0.01, "n_gt_cells": 100, "predict_seconds": 2.0,
+           "flag_precision_top10": 0.1, "flag_recall_top_n_wrong": 0.5,
+           "flag_recall_top_n_other": 0.5, "flag_recall_top10pct": 0.5,
+           "flag_recall_top10pct_other": 0.5}
+    mean = {k: v for k, v in row.items() if k != "stack"}
+    scores = {"rows": [row], "mean": mean, "train_minutes": 7.0, "celegans_cells": 50,
+              "bright": {"seeds": [5009, 6009], "rows": [row], "mean": dict(mean, ap50=0.956)}}
+    card = module.model_card(facts, scores, "python benchmarks/train_default_model.py")
+    assert "taken to have 1 x 0.3 x 0.3 um (that of its training stacks" in card
+    assert "medium and lumen from 0.02 to 0.3" in card
+    assert "seeds 5009, 6009): AP50 0.956" in card
+    assert "Background outside the tissue was dark" not in card
+    dark = module.model_card(dict(facts, medium=None, stack_voxel_size_um=None,
+                                  voxel_size_um=[1.0, 0.3, 0.3]),
+                             {k: v for k, v in scores.items() if k != "bright"}, "cmd")
+    assert "taken to have 1 x 0.3 x 0.3 um:" in dark
+    assert "Background outside the tissue was dark" in dark and "seeds 5009" not in dark
