@@ -41,6 +41,7 @@ import quality  # noqa: E402  (benchmarks/quality.py: data and scoring of the ac
 
 from core import __version__  # noqa: E402
 from core.checkpoint import load_model_for_inference  # noqa: E402
+from core.cli.args import voxel_size  # noqa: E402
 from core.config import from_dict  # noqa: E402
 from core.io import read_volume  # noqa: E402
 from core.io.atomic import atomic_path  # noqa: E402
@@ -66,8 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--medium", type=quality._medium, default=None, metavar="LOW,HIGH",
                     help="the training stacks' media and lumens drawn from LOW-HIGH (relative "
                          "brightness, e.g. 0.02,0.3); default: dark, as the validation stack")
-    ap.add_argument("--voxel-size", type=lambda s: tuple(float(v) for v in s.split(",")),
-                    default=None, metavar="Z,Y,X",
+    ap.add_argument("--voxel-size", type=voxel_size, default=None, metavar="Z,Y,X",
                     help="the grid the model trains on, in um (episeg train "
                          "--training-voxel-size); default: episeg train's choice")
     ap.add_argument("--evaluate-only", action="store_true",

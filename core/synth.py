@@ -1052,13 +1052,13 @@ def write_synthetic_dataset(out_dir: Union[str, Path], n: int, shape: Optional[S
     if shape is not None:
         params = replace(params, shape=tuple(shape))
     params.validate()
+    if not isinstance(first, (int, np.integer)) or first < 0:
+        raise ConfigError(f"The first stack's index must be a whole number >= 0, got {first!r}.")
     if medium_brightness is not None:
         medium_params(params, seed, first, medium_brightness)  # a bad range fails before any write
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VolumeWriteError(f"{out} exists and is not a folder; choose another output folder.")
-    if not isinstance(first, (int, np.integer)) or first < 0:
-        raise ConfigError(f"The first stack's index must be a whole number >= 0, got {first!r}.")
     indices = range(int(first), int(first) + int(n))
     names = [(out / f"{prefix}_{i:03d}_raw.tif", out / f"{prefix}_{i:03d}_labels.tif")
              for i in indices]
